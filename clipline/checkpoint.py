@@ -1,0 +1,100 @@
+"""Step checkpoint folders: written atomically, counted only with their completion marker.
+
+Layout of one checkpoint (it is also a valid open_clip ``local-dir:`` model folder)::
+
+    checkpoints/step_00000200/
+        open_clip_config.json        model_cfg + preprocess_cfg
+        open_clip_model.safetensors  model weights, plain open_clip parameter names
+        train_state.pt               optimizer, scaler, counters, RNG and data position (weights_only-loadable)
+        config.yaml                  the resolved run config
+        COMPLETE                     written last; a folder without it is ignored
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from clipline.io import fsync_dir
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Write every file into a hidden temp folder, mark it complete, then rename it into place."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        (tmp / MARKER).write_text(f"{step}\n")
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
+            stale = root / f".stale-{final.name}-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest step first (by step number, never by file time)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / MARKER).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    found = list_checkpoints(root)
+    removed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    # Temp folders left by a process killed mid-write are garbage once a newer checkpoint exists.
+    for child in Path(root).glob(".tmp-step_*"):
+        shutil.rmtree(child, ignore_errors=True)
+    return removed
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a ``checkpoints/`` folder, or a training run folder; return one checkpoint."""
+    p = Path(path)
+    if (p / MARKER).is_file():
+        return p
+    for candidate in (p / "checkpoints", p):
+        latest = latest_checkpoint(candidate)
+        if latest is not None:
+            return latest
+    if _STEP_DIR.match(p.name) and p.is_dir():
+        raise FileNotFoundError(f"checkpoint {p} is incomplete (no {MARKER} marker): it was interrupted while "
+                                f"being written; use an earlier step")
+    raise FileNotFoundError(f"no complete checkpoint found at {p}: pass a checkpoint folder (step_NNNNNNNN) or a "
+                            f"training run folder that has checkpoints/")

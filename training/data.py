@@ -1,0 +1,156 @@
+"""Streaming image-text batches from webdataset tar shards, deterministically, so a resume continues exactly.
+
+A rank reads ``workers`` streams (one per DataLoader worker; stream 0 when there are none). Each epoch the shard
+list is permuted with a seed that depends only on (seed, epoch), and shard i of that order goes to global stream
+``i mod (world_size * workers)``. A stream shuffles its samples in a seeded buffer and yields full batches, each
+tagged with its stream and with how many raw samples the stream had consumed when the batch was complete.
+The trainer records the position of every stream after each consumed batch; on resume, every stream fast-forwards
+through its tar bytes (no image is decoded) to its recorded position, so the batch sequence goes on as if never
+interrupted.
+
+Samples that cannot be used (unreadable tar member, missing image or caption, undecodable image, non-UTF-8 or
+empty caption) are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipline.shards import iter_tar_samples
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    texts: torch.Tensor
+    stream: int
+    """Which of this rank's streams produced the batch."""
+    position: int
+    """Raw samples that stream had consumed when this batch was complete."""
+    skipped: dict = field(default_factory=dict)
+    """The stream's running count of skipped samples, by reason."""
+
+
+@dataclass
+class StreamState:
+    """Where a rank's data streams stand: saved in checkpoints, restored on resume."""
+
+    positions: list[int]
+    next_stream: int = 0
+
+    def advance(self, batch: Batch) -> None:
+        self.positions[batch.stream] = batch.position
+        self.next_stream = (batch.stream + 1) % len(self.positions)
+
+
+class ShardStream(IterableDataset):
+    """Endless, deterministic batches of (image tensor, token ids) for one rank."""
+
+    def __init__(self, shards: list[str], *, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle_buffer: int, image_transform: Callable, tokenizer: Callable, n_streams: int,
+                 state: StreamState | None = None):
+        if not shards:
+            raise ValueError("no shards to read")
+        self.shards, self.batch_size = list(shards), batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.n_streams = shuffle_buffer, n_streams
+        self.image_transform, self.tokenizer = image_transform, tokenizer
+        self.state = state or StreamState(positions=[0] * n_streams)
+        if len(self.state.positions) != n_streams:
+            raise ValueError(f"stream state has {len(self.state.positions)} streams, expected {n_streams}")
+
+    def _epoch_shards(self, epoch: int, global_stream: int) -> list[str]:
+        order = list(self.shards)
+        random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+        total = self.world_size * self.n_streams
+        # More streams than shards: each stream still gets one shard, so no rank starves and stalls the others.
+        return order[global_stream::total] or [order[global_stream % len(order)]]
+
+    def _raw_samples(self, global_stream: int, skipped: Counter) -> Iterator[dict[str, bytes]]:
+        epoch = 0
+        while True:
+            rng = random.Random(f"{self.seed}-buffer-{epoch}-{global_stream}")
+            buffer: list[dict[str, bytes]] = []
+            for shard in self._epoch_shards(epoch, global_stream):
+                for sample in iter_tar_samples(shard, skipped):
+                    buffer.append(sample)
+                    if len(buffer) >= max(1, self.shuffle_buffer):
+                        i = rng.randrange(len(buffer))
+                        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                        yield buffer.pop()
+            rng.shuffle(buffer)
+            yield from buffer
+            epoch += 1
+
+    def _transform(self, image: Image.Image, global_stream: int, position: int) -> torch.Tensor:
+        # Augmentation randomness is a function of the sample's place in the stream, not of how many samples
+        # this process happened to transform: samples skipped on resume must not shift it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random.Random(f"{self.seed}-aug-{global_stream}-{position}").getrandbits(62))
+            return self.image_transform(image)
+
+    def _usable(self, sample: dict[str, bytes], skipped: Counter, global_stream: int,
+                position: int) -> tuple[torch.Tensor, str] | None:
+        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if image is None or "txt" not in sample:
+            skipped["missing_image" if image is None else "missing_caption"] += 1
+            return None
+        try:
+            text = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            skipped["non_utf8_caption"] += 1
+            return None
+        if not text:
+            skipped["empty_caption"] += 1
+            return None
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                return self._transform(im.convert("RGB"), global_stream, position), text
+        except Exception as e:  # PIL raises many types for corrupt images
+            skipped["undecodable_image"] += 1
+            log.debug("undecodable image: %s", e)
+            return None
+
+    def _batches(self, stream: int, start: int) -> Iterator[Batch]:
+        skipped: Counter = Counter()
+        pending: list[tuple[torch.Tensor, str]] = []
+        global_stream = self.rank * self.n_streams + stream
+        for position, sample in enumerate(self._raw_samples(global_stream, skipped), 1):
+            if position <= start:  # consumed before the checkpoint: skip without decoding
+                continue
+            usable = self._usable(sample, skipped, global_stream, position)
+            if usable is None:
+                continue
+            pending.append(usable)
+            if len(pending) == self.batch_size:
+                images = torch.stack([p[0] for p in pending])
+                texts = self.tokenizer([p[1] for p in pending])
+                pending = []
+                yield Batch(images, texts, stream, position, dict(skipped))
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if n_workers != self.n_streams:
+            raise RuntimeError(f"ShardStream built for {self.n_streams} streams is read by {n_workers} workers")
+        # The DataLoader starts its round-robin at worker 0: give worker 0 the stream that was due next.
+        stream = (worker + self.state.next_stream) % n_workers
+        yield from self._batches(stream, self.state.positions[stream])
+
+
+def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
