@@ -196,6 +196,9 @@ class EvalDatasetConfig:
     """For classification: key of the class name in each sample's .json."""
     classnames: list[str] = field(default_factory=list)
     """For classification: class names, in label order."""
+    label_values: list[str] = field(default_factory=list)
+    """For classification: the label_field value of each class, when it differs from the class name (e.g. the
+    integer 2 for the class 'two'); empty means the values are the class names."""
     templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
     """For classification: prompt templates; '{c}' is replaced by the class name."""
 
@@ -204,6 +207,8 @@ class EvalDatasetConfig:
         if self.task == "zeroshot_classification":
             _check(bool(self.label_field), f"eval dataset {self.name!r}: label_field is required for classification")
             _check(len(self.classnames) >= 2, f"eval dataset {self.name!r}: needs at least 2 classnames")
+            _check(not self.label_values or len(self.label_values) == len(self.classnames),
+                   f"eval dataset {self.name!r}: label_values must have one entry per classname")
             _check(bool(self.templates) and all("{c}" in t for t in self.templates),
                    f"eval dataset {self.name!r}: every template must contain '{{c}}'")
 

@@ -41,7 +41,7 @@ def load_samples(ds: EvalDatasetConfig) -> EvalSamples:
         shards = list_shards(ds.path)
     except FileNotFoundError as e:
         raise UsageError(f"eval dataset {ds.name!r}: {e}") from None
-    index = {name: i for i, name in enumerate(ds.classnames)}
+    index = {str(value): i for i, value in enumerate(ds.label_values or ds.classnames)}
     out = EvalSamples([], [], [], Counter())
     for shard in shards:
         for sample in iter_tar_samples(shard, out.skipped):

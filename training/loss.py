@@ -53,8 +53,9 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     all_texts = gather_features(text_features) if distributed else text_features
     offset = dist.get_rank() * local if distributed else 0
     labels = torch.arange(offset, offset + local, device=image_features.device)
-    scale = logit_scale.exp()
-    # Scores in fp32 whatever the autocast dtype: low-precision logits tie and bias the softmax.
-    logits_per_image = scale * image_features.float() @ all_texts.float().T
-    logits_per_text = scale * text_features.float() @ all_images.float().T
+    # Scores in at least fp32 whatever the autocast dtype: low-precision logits tie and bias the softmax.
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    scale = logit_scale.exp().to(dtype)
+    logits_per_image = scale * image_features.to(dtype) @ all_texts.to(dtype).T
+    logits_per_text = scale * text_features.to(dtype) @ all_images.to(dtype).T
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
