@@ -80,29 +80,93 @@ def dataset_size(shards: list[str]) -> int | None:
         return None
 
 
-def iter_tar_samples(path: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
-    """Group the members of one tar into samples by key (file name up to the first dot), reading bytes only.
+class TarFormatError(ValueError):
+    """A tar shard that is truncated or corrupt."""
 
-    Nothing is extracted to disk, so member names (absolute, ``..``) can never write outside any folder.
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    # Records are "LENGTH key=value\n"; only the path matters here.
+    pos, path = 0, None
+    while pos < len(data):
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "replace")
+        pos += length
+    return path
+
+
+def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in an uncompressed tar stream, checksums verified.
+
+    A small reader of our own: the shards are plain ustar/pax tars, and parsing the headers directly is several
+    times faster than the tarfile module, which was the largest cost of the input pipeline.
+    """
+    long_name = None
+    while True:
+        header = f.read(512)
+        if len(header) == 0 or header == bytes(512):
+            return
+        if len(header) < 512:
+            raise TarFormatError("truncated tar header")
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarFormatError("tar header checksum mismatch")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = f.read(size)
+        if len(data) < size:
+            raise TarFormatError("truncated tar member")
+        f.read(-size % 512)
+        if kind in (b"x", b"L"):
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if header[257:262] == b"ustar" and header[345:346] != b"\0":
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+            yield long_name or name, data
+        long_name = None
+
+
+def _members(path: str) -> Iterator[tuple[str, bytes]]:
+    if path.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")):  # compressed shards: the slower general reader
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                f = tar.extractfile(member) if member.isfile() else None
+                if f is not None:
+                    yield member.name, f.read()
+        return
+    with open(path, "rb", buffering=1 << 20) as f:
+        yield from iter_tar_members(f)
+
+
+def iter_tar_samples(path: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
+    """Group the files of one tar into samples by key (file name up to the first dot), reading bytes only.
+
+    Nothing is extracted to disk, so member names (absolute, ``..``) can never write outside any folder. A shard
+    that is truncated or corrupt yields the samples before the damage, and is counted in ``skipped``.
     """
     current_key, sample = None, {}
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                key, dot, ext = name.partition(".")
-                if not dot or not key:
-                    continue
-                if key != current_key and sample:
-                    yield sample
-                    sample = {}
-                current_key = key
-                f = tar.extractfile(member)
-                sample[ext.lower()] = f.read() if f is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as e:
+        for member_name, data in _members(path):
+            name = member_name.rsplit("/", 1)[-1]
+            key, dot, ext = name.partition(".")
+            if not dot or not key:
+                continue
+            if key != current_key and sample:
+                yield sample
+                sample = {}
+            current_key = key
+            sample[ext.lower()] = data
+    except (TarFormatError, tarfile.TarError, OSError, EOFError, ValueError) as e:
         skipped["unreadable_shard"] += 1
         log.warning("skipping the rest of shard %s: %s", path, e)
+        sample = {}  # the sample being read when the damage was found may be missing files
     if sample:
         yield sample

@@ -26,6 +26,10 @@ def refusal_reason(url: str, cache: dict[str, str | None] | None = None) -> str 
         return "malformed_url"
     if not host:
         return "malformed_url"
+    try:  # an address literal needs no lookup
+        return None if is_public_address(host) else "private_address"
+    except ValueError:
+        pass
     if cache is not None and host in cache:
         return cache[host]
     try:

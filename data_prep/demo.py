@@ -8,13 +8,20 @@ held-out image or caption is ever seen in training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import shutil
 import time
 from pathlib import Path
 
 from clipline.config import Config
+from clipline.errors import UsageError
+from clipline.io import atomic_write_text
+from clipline.shards import MANIFEST_FILE
 from data_prep.demo_scenes import all_captions, write_demo_split
 from data_prep.prep import render_report, run_prep
 from data_prep.serve import LocalImageServer, write_url_list
+
+DEMO_STAMP = "demo_source.sha256"
 
 
 def main(cfg: Config) -> int:
@@ -29,6 +36,16 @@ def main(cfg: Config) -> int:
           f"({time.perf_counter() - start:.1f}s)", flush=True)
     for split, parquet, output_dir in (("train", train_split, cfg.prep.output_dir),
                                        ("eval", eval_split, d.eval_output_dir)):
+        # The served URLs change with the server's port, so "same data" is judged on the generated split.
+        digest = hashlib.sha256(parquet.read_bytes()).hexdigest()
+        stamp = Path(output_dir) / DEMO_STAMP
+        if stamp.is_file() and stamp.read_text().strip() == digest and (Path(output_dir) / MANIFEST_FILE).is_file():
+            print(f"{split} shards in {output_dir} are up to date", flush=True)
+            continue
+        if Path(output_dir).exists() and any(Path(output_dir).iterdir()) and not stamp.is_file():
+            raise UsageError(f"{output_dir} exists and was not made by `clipline demo`; point the demo elsewhere "
+                             f"(run.output_dir=...) rather than overwrite it")
+        shutil.rmtree(output_dir, ignore_errors=True)  # the demo's own shards, from other demo settings
         with LocalImageServer(parquet.parent) as server:
             urls = write_url_list(parquet, server, source / f"{split}_urls.parquet")
             prep_cfg = dataclasses.replace(cfg.prep, url_list=str(urls), output_dir=output_dir,
@@ -36,6 +53,7 @@ def main(cfg: Config) -> int:
             start = time.perf_counter()
             manifest = run_prep(prep_cfg)
             served_from = server.base_url
+        atomic_write_text(stamp, digest + "\n")
         print(f"\n{split} split, served from {served_from} ({time.perf_counter() - start:.1f}s):\n"
               + render_report(manifest), flush=True)
     return 0

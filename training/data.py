@@ -98,9 +98,14 @@ class ShardStream(IterableDataset):
     def _transform(self, image: Image.Image, global_stream: int, position: int) -> torch.Tensor:
         # Augmentation randomness is a function of the sample's place in the stream, not of how many samples
         # this process happened to transform: samples skipped on resume must not shift it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(random.Random(f"{self.seed}-aug-{global_stream}-{position}").getrandbits(62))
+        # (torch.manual_seed would also queue CUDA seeding, ~1 ms a call; the CPU generator alone is enough.)
+        generator = torch.random.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(random.Random(f"{self.seed}-aug-{global_stream}-{position}").getrandbits(62))
+        try:
             return self.image_transform(image)
+        finally:
+            generator.set_state(saved)
 
     def _usable(self, sample: dict[str, bytes], skipped: Counter, global_stream: int,
                 position: int) -> tuple[torch.Tensor, str] | None:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +35,9 @@ from training.loss import contrastive_loss
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100)
+EXIT_PREEMPTED = 75
+"""Exit code after checkpointing on SIGTERM/SIGUSR1 before the last step (EX_TEMPFAIL): the job should be
+requeued, and a dependency chain must not treat it as finished."""
 TRAIN_STATE = "train_state.pt"
 WEIGHTS = "open_clip_model.safetensors"
 
@@ -41,10 +45,30 @@ WEIGHTS = "open_clip_model.safetensors"
 def main(cfg: Config) -> int:
     env = init_distributed(cfg.train.device)
     try:
-        Trainer(cfg, env).train()
+        finished = Trainer(cfg, env).train()
     finally:
         cleanup_distributed()
-    return 0
+    return 0 if finished else EXIT_PREEMPTED
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGUSR1 (Slurm's warning before the time limit, or preemption) so the loop can stop at
+    a step boundary with a checkpoint instead of dying mid-step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, env: DistEnv, device: torch.device) -> bool:
+        """True on every rank when any rank got a signal: all ranks must stop at the same step."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if env.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -219,11 +243,13 @@ class Trainer:
                         if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
                 atomic_write_text(metrics, "".join(k + "\n" for k in kept))
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to train.steps; False when stopped early by a signal (after writing a checkpoint)."""
         self._prepare_run_folder()
         if self.step >= self.tc.steps:
             print0(f"already trained: step {self.step} >= train.steps={self.tc.steps}")
-            return
+            return True
+        stop = StopSignal()
         size = dataset_size(self.shards)
         print0(f"training {self.bundle.arch} for {self.tc.steps} steps, global batch {self.tc.global_batch_size} "
                f"({self.env.world_size} x {self.local_batch}), {len(self.shards)} shards"
@@ -257,9 +283,16 @@ class Trainer:
                     print0(f"step {self.step}/{self.tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
                            f"scale {record['logit_scale']:.1f} {record['samples_per_s']:.0f} samples/s")
                     window_start, window_samples = time.perf_counter(), 0
-                if self.step % self.tc.save_every == 0 or self.step == self.tc.steps:
+                due = self.step % self.tc.save_every == 0 or self.step == self.tc.steps
+                if due:
                     self.save()
+                if self.step < self.tc.steps and stop.agreed(self.env, self.env.device):
+                    if not due:
+                        self.save()
+                    print0(f"stopped by signal at step {self.step}; checkpoint written, resume continues from it")
+                    return False
         finally:
             if metrics is not None:
                 metrics.close()
             wandb_run.finish()
+        return True

@@ -1,0 +1,125 @@
+"""End to end through the real CLI: demo data -> img2dataset over loopback -> shards -> train -> eval.
+
+Also: a checkpoint's weights load in plain open_clip; a resumed run equals an uninterrupted one bitwise;
+torchrun with two CPU processes trains the same model as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY_MODEL, run_cli
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+TINY = str(REPO / "configs" / "test-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = run_cli("demo", DEMO, TINY, f"run.output_dir={out}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_demo_writes_every_artifact(demo_run):
+    out, result = demo_run
+    shards = out / "shards" / "train"
+    sizes = json.loads((shards / "sizes.json").read_text())
+    assert sum(sizes.values()) == 384 and len(sizes) == 3
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["total_samples"] == 384 and manifest["stats"]["success"] == 384
+    assert (out / "shards" / "eval" / "sizes.json").is_file()
+    ckpts = sorted((out / "train" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_00000004", "step_00000008"]
+    assert all((c / "COMPLETE").is_file() for c in ckpts)
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8]
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert (out / "train" / "config.yaml").is_file() and (out / "eval" / "config.yaml").is_file()
+
+    records = json.loads((out / "eval" / "results.json").read_text())
+    headline = {(r["dataset"], r["metric"]): r for r in records}
+    for key in [("demo-colour", "top1"), ("demo-shape", "top5"), ("demo-shape", "mean_per_class_recall"),
+                ("demo-retrieval", "image_to_text_R@5"), ("demo-retrieval", "text_to_image_R@10")]:
+        r = headline[key]
+        assert 0.0 <= r["value"] <= 1.0 and 0.0 < r["chance"] < 1.0
+        assert r["checkpoint"].endswith("step_00000008") and r["step"] == 8
+    assert headline[("demo-colour", "top1")]["chance"] == pytest.approx(1 / 8)
+    assert headline[("demo-retrieval", "text_to_image_R@1")]["n_samples"] == 60
+    assert "| demo-shape | zeroshot_classification | top1 |" in result.stdout
+    assert (out / "eval" / "results.csv").read_text().startswith("task,dataset,metric,value,chance")
+
+
+def test_demo_rerun_reuses_everything(demo_run):
+    out, _ = demo_run
+    result = run_cli("demo", DEMO, TINY, f"run.output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train shards in" in result.stdout and "up to date" in result.stdout
+    assert "already trained" in result.stdout
+
+
+def test_checkpoint_loads_in_open_clip(demo_run):
+    import open_clip
+
+    out, _ = demo_run
+    ckpt = out / "train" / "checkpoints" / "step_00000008"
+    open_clip.add_model_config(TINY_MODEL)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        TINY_MODEL.stem, pretrained=str(ckpt / "open_clip_model.safetensors"))
+    weights = load_file(str(ckpt / "open_clip_model.safetensors"))
+    assert torch.equal(model.state_dict()["text_projection"], weights["text_projection"])
+    # and as a self-describing folder, with no config registered
+    model2, _, _ = open_clip.create_model_and_transforms(f"local-dir:{ckpt}")
+    assert torch.equal(model2.state_dict()["visual.attnpool.c_proj.weight"], weights["visual.attnpool.c_proj.weight"])
+    # the weights are no longer the random init
+    fresh = open_clip.create_model(TINY_MODEL.stem)
+    assert not torch.equal(fresh.state_dict()["text_projection"], weights["text_projection"])
+
+
+def _train(out: Path, shards: Path, *extra: str, launcher: list[str] | None = None):
+    args = ["train", DEMO, TINY, f"run.output_dir={out}", f"train.data={shards}", *extra]
+    if launcher:
+        return run_cli(*launcher, "-m", "clipline", *args, module="torch.distributed.run")
+    return run_cli(*args)
+
+
+def _final_weights(out: Path, step: int) -> dict:
+    return load_file(str(out / "train" / "checkpoints" / f"step_{step:08d}" / "open_clip_model.safetensors"))
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, tiny_shards):
+    common = ("train.workers=1", "train.log_every=1", "train.save_every=3", "train.keep_last=5")
+    straight = _train(tmp_path / "a", tiny_shards, "train.steps=7", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _train(tmp_path / "b", tiny_shards, "train.steps=3", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _train(tmp_path / "b", tiny_shards, "train.steps=7", *common)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "a", 7), _final_weights(tmp_path / "b", 7)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_torchrun_two_cpu_processes(tmp_path, tiny_shards):
+    """The launch itself: two ranks form a gloo group over loopback, split the global batch, and save one checkpoint
+    holding both ranks' data positions. (That the gathered loss equals the whole-batch loss is test_loss.py's.)"""
+    result = _train(tmp_path / "ddp", tiny_shards, "train.steps=4", "train.save_every=2",
+                    launcher=["--standalone", "--nproc_per_node", "2"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "(2 x 16)" in result.stdout
+    state = torch.load(tmp_path / "ddp" / "train" / "checkpoints" / "step_00000004" / "train_state.pt",
+                       weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 4
+    assert [d["positions"][0] >= 4 * 16 for d in state["data"]] == [True, True]
+    assert len(_losses(tmp_path / "ddp")) == 2
