@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import re
 import types
 import typing
@@ -67,10 +68,97 @@ class DemoConfig:
         _check(self.image_size >= 16, "demo.image_size must be >= 16")
 
 
+DEFAULT_BOILERPLATE = [
+    r"(image|photo|picture|img|pic|thumbnail|untitled|placeholder|default|no image|image not found|"
+    r"no description|description|caption|null|none|n/?a|undefined|loading\.*|click to enlarge|\d+)",
+    r"(img|dsc|dscn|dscf|pict|p|photo|image|screenshot|screen shot)[\s_\-]*\d+.*",
+    r".*\.(jpe?g|png|gif|webp|bmp|tiff?)",
+    r"https?://\S+",
+]
+"""Captions that are placeholders, not descriptions: file names, camera names, bare words like 'image', URLs."""
+
+
+@dataclass
+class PrepFilterConfig:
+    """Filters of `clipline prep`, in the order they run; each one counts what it removed, by reason."""
+
+    min_caption_chars: int = 5
+    """Drop captions shorter than this many characters (after stripping whitespace)."""
+    max_caption_chars: int = 2000
+    """Drop captions longer than this; 0: no limit."""
+    min_caption_words: int = 2
+    """Drop captions with fewer words than this."""
+    max_caption_words: int = 0
+    """Drop captions with more words than this; 0: no limit."""
+    languages: list[str] = field(default_factory=list)
+    """Keep only captions detected as one of these ISO 639-1 codes (e.g. [en]); empty keeps every language.
+    Detection uses py3langid, whose model ships inside the package (nothing is downloaded)."""
+    min_language_score: float = 0.5
+    """With languages set: the detector's probability for the language must reach this."""
+    drop_boilerplate: bool = True
+    """Drop placeholder captions (file names, 'image', 'untitled', bare URLs, ...) matching boilerplate_patterns."""
+    boilerplate_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_BOILERPLATE))
+    """Regular expressions a whole caption is matched against (case-insensitive) to count as boilerplate."""
+    exact_dedup: bool = True
+    """Keep only the first sample of each distinct image content (sha256 of the downloaded bytes)."""
+    near_dedup_distance: int = -1
+    """Drop an image whose perceptual hash is within this Hamming distance (of 64 bits) of an earlier kept one;
+    -1 disables near-duplicate removal (0 removes only identical hashes)."""
+    decontaminate: list[str] = field(default_factory=list)
+    """Eval datasets to keep out of training: folders of webdataset shards or of image files. A training image
+    whose perceptual hash is within decontaminate_distance of any of their images is dropped."""
+    decontaminate_distance: int = 4
+    """Hamming distance (of 64 bits) at or below which a training image counts as an eval image."""
+    clip_model: str = ""
+    """CLIP-score filter model: a clipline checkpoint or training run folder (its newest checkpoint), an open_clip
+    local-dir folder, an open_clip model JSON file or architecture name (with clip_pretrained); empty: no filter."""
+    clip_pretrained: str = ""
+    """Weights file for clip_model when it is a name or a JSON file."""
+    clip_min_score: float | None = None
+    """Keep samples whose image-text cosine similarity is at least this (DataComp's threshold baseline)."""
+    clip_keep_fraction: float | None = None
+    """Keep this top fraction of samples by CLIP score (DataComp's top-k% baseline), after the other filters."""
+    clip_batch_size: int = 256
+    """Images per forward pass of the CLIP-score model."""
+    clip_device: str = "cpu"
+    """Device of the CLIP-score model: cpu, cuda or auto."""
+
+    def validate(self) -> None:
+        for key in ("min_caption_chars", "max_caption_chars", "min_caption_words", "max_caption_words"):
+            _check(getattr(self, key) >= 0, f"prep.filters.{key} must be >= 0, got {getattr(self, key)}")
+        _check(not self.max_caption_chars or self.max_caption_chars >= self.min_caption_chars,
+               "prep.filters.max_caption_chars must be 0 (no limit) or >= min_caption_chars")
+        _check(not self.max_caption_words or self.max_caption_words >= self.min_caption_words,
+               "prep.filters.max_caption_words must be 0 (no limit) or >= min_caption_words")
+        for lang in self.languages:
+            _check(bool(re.fullmatch(r"[a-z]{2,3}", lang)),
+                   f"prep.filters.languages: {lang!r} is not an ISO 639-1 code such as 'en' or 'de'")
+        _check(0.0 <= self.min_language_score <= 1.0, "prep.filters.min_language_score must be in [0, 1]")
+        for pattern in self.boilerplate_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"prep.filters.boilerplate_patterns: {pattern!r} is not a regular expression "
+                                  f"({e})") from None
+        _check(-1 <= self.near_dedup_distance <= 16, "prep.filters.near_dedup_distance must be in -1..16")
+        _check(0 <= self.decontaminate_distance <= 16, "prep.filters.decontaminate_distance must be in 0..16")
+        _check(self.clip_keep_fraction is None or 0.0 < self.clip_keep_fraction <= 1.0,
+               "prep.filters.clip_keep_fraction must be in (0, 1]")
+        _check(self.clip_min_score is None or -1.0 <= self.clip_min_score <= 1.0,
+               "prep.filters.clip_min_score is a cosine similarity: it must be in [-1, 1]")
+        _check(not self.clip_model or self.clip_min_score is not None or self.clip_keep_fraction is not None,
+               "prep.filters.clip_model is set but neither clip_min_score nor clip_keep_fraction is: say what to keep")
+        _check(bool(self.clip_model) or (self.clip_min_score is None and self.clip_keep_fraction is None),
+               "prep.filters.clip_min_score / clip_keep_fraction need prep.filters.clip_model (the scoring model)")
+        _check(self.clip_batch_size > 0, "prep.filters.clip_batch_size must be > 0")
+        _check(self.clip_device in ("cpu", "cuda", "auto"), "prep.filters.clip_device must be cpu, cuda or auto")
+
+
 @dataclass
 class PrepConfig:
     url_list: str = ""
-    """URL + caption list: a .parquet, .csv, .tsv or .jsonl file."""
+    """URL + caption list: a file, a folder of files or a glob ('lists/*.parquet'), in .parquet, .csv, .tsv,
+    .jsonl or .txt (one URL per line, optionally a tab and the caption)."""
     url_col: str = "url"
     """Column holding the image URL."""
     caption_col: str = "caption"
@@ -78,7 +166,13 @@ class PrepConfig:
     extra_columns: list[str] | None = None
     """Columns carried into each sample's .json; null carries every other column, [] carries none."""
     output_dir: str = "${run.output_dir}/shards/train"
-    """Folder the webdataset shards, sizes.json, manifest.json and report.md are written to."""
+    """Folder the webdataset shards, sizes.json, manifest.json, stats.json and report.md are written to."""
+    input_shards: str = ""
+    """Filter an existing folder of webdataset shards instead of downloading (url_list is then unused): the
+    survivors are re-sharded into output_dir."""
+    mode: Literal["resume", "overwrite"] = "resume"
+    """'resume': the same command continues an interrupted build; 'overwrite': delete this build's files in
+    output_dir first and start again."""
     image_size: int = 256
     """Target image side for img2dataset's resize."""
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "center_crop"
@@ -86,33 +180,72 @@ class PrepConfig:
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     """Image encoding inside the shards."""
     encode_quality: int = 95
-    """JPEG/WebP quality."""
+    """JPEG/WebP quality (1..100); for png, the compression level (0..9)."""
     samples_per_shard: int = 10000
     """Samples per tar shard."""
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    """img2dataset distributor: local processes, or Spark (the active session, else a local one) for a cluster."""
+    spark_master: str = ""
+    """With distributor=pyspark and no active Spark session: the master of the session to create
+    (default local[processes])."""
     processes: int = 2
     """Download processes."""
     threads: int = 32
     """Download threads per process."""
     timeout: int = 10
-    """Per-request socket timeout in seconds."""
+    """Seconds a single connect or read may block."""
+    deadline: float = 30.0
+    """Seconds one image may take in all: connections, redirects, retries and reads (img2dataset has none)."""
     retries: int = 0
-    """Download retries per URL."""
+    """Extra attempts for failures that can pass (timeouts, resets, 5xx, 408, 429); 404s are never retried."""
+    max_image_bytes: int = 20_000_000
+    """Largest response body read; larger images are refused."""
+    max_image_pixels: int = 89_478_485
+    """Largest width x height, read from the image header before decoding (decompression-bomb guard)."""
+    accepted_content_types: list[str] = field(
+        default_factory=lambda: ["image/*", "application/octet-stream", "binary/octet-stream"])
+    """Content-Type patterns accepted; other responses (text/html, ...) are refused. A missing header is accepted."""
     min_image_size: int = 0
-    """Drop images whose smaller side is below this (0 keeps all)."""
+    """Drop images whose smaller original side is below this (0 keeps all)."""
+    max_aspect_ratio: float = 0.0
+    """Drop images whose longer/shorter original side ratio exceeds this (0: no limit)."""
     user_agent_token: str = "clipline"
-    """Token appended to the HTTP user agent so site owners can identify the crawler."""
+    """Token in the HTTP user agent, so site owners can identify the crawler; robots.txt rules for it apply."""
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     """X-Robots-Tag directives that make a response be skipped (opt-out)."""
+    respect_robots_txt: bool = True
+    """Read each host's robots.txt once and skip URLs it disallows for user_agent_token."""
     allow_private_networks: bool = False
     """Allow URLs whose host resolves to loopback/private/link-local addresses (local demo and tests only)."""
+    allowed_networks: list[str] = field(default_factory=list)
+    """Non-public networks allowed anyway, as CIDRs (e.g. [127.0.0.1/32] for one local server); everything else
+    non-public stays refused, redirects included."""
+    keep_downloads: bool = True
+    """Keep img2dataset's unfiltered shards in output_dir/_download, so that changed filters re-run without
+    downloading again; false deletes them once the build is complete."""
+    filters: PrepFilterConfig = field(default_factory=PrepFilterConfig)
+    """Caption, image, dedup, decontamination and CLIP-score filters."""
 
     def validate(self) -> None:
-        for key in ("image_size", "samples_per_shard", "processes", "threads", "timeout"):
+        for key in ("image_size", "samples_per_shard", "processes", "threads", "timeout", "max_image_bytes",
+                    "max_image_pixels"):
             _check(getattr(self, key) > 0, f"prep.{key} must be > 0, got {getattr(self, key)}")
         _check(self.retries >= 0 and self.min_image_size >= 0, "prep.retries and prep.min_image_size must be >= 0")
-        _check(1 <= self.encode_quality <= 100, "prep.encode_quality must be in 1..100")
+        _check(self.deadline > 0, f"prep.deadline must be > 0 seconds, got {self.deadline}")
+        _check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1,
+               "prep.max_aspect_ratio must be 0 (no limit) or >= 1")
+        if self.encode_format == "png":
+            _check(0 <= self.encode_quality <= 9, "prep.encode_quality is the compression level for png: 0..9")
+        else:
+            _check(1 <= self.encode_quality <= 100, "prep.encode_quality must be in 1..100")
         _check(bool(self.url_col) and bool(self.caption_col), "prep.url_col and prep.caption_col must be set")
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"prep.allowed_networks: {net!r} is not a network; write e.g. 127.0.0.1/32") from None
+        self.filters.validate()
 
 
 @dataclass
@@ -120,10 +253,27 @@ class ModelConfig:
     name: str = "RN50"
     """An open_clip architecture name (see open_clip.list_models()) or a path to an open_clip model JSON file."""
     pretrained: str = ""
-    """Optional weights file (.safetensors or .pt) to start from; empty trains from scratch."""
+    """Weights to start from (fine-tuning): a .safetensors/.pt file or a clipline checkpoint folder; empty trains
+    from scratch."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT: train the text tower against fixed image features)."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave this many of the last layer groups trainable."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave this many of the last layers trainable."""
+    init_logit_scale: float | None = None
+    """Initial log of the logit scale; null: log(1/0.07) for the clip loss, log(10) for siglip."""
+    init_logit_bias: float | None = None
+    """Initial learned logit bias; null: none for the clip loss, -10 for siglip (which needs one)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
 
     def validate(self) -> None:
         _check(bool(self.name), "model.name must name an open_clip architecture or a model JSON file")
+        _check(self.lock_image_unlocked_groups >= 0 and self.lock_text_unlocked_layers >= 0,
+               "model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0")
 
 
 @dataclass
@@ -136,6 +286,31 @@ class TrainConfig:
     """Contrastive batch over all ranks; each rank takes global_batch_size / world_size."""
     steps: int = 1000
     """Optimizer steps to train for."""
+    loss: Literal["clip", "siglip"] = "clip"
+    """Objective: CLIP's symmetric softmax cross-entropy, or SigLIP's pairwise sigmoid loss."""
+    loss_impl: Literal["auto", "plain", "tiled"] = "auto"
+    """'tiled' never materialises the B x B logits (memory flat in B, recomputed in backward); 'auto' picks it on
+    CPU for global batches >= 128, where it is also faster (benchmarks/RESULTS.md), and the plain loss otherwise."""
+    accum_steps: int = 1
+    """Micro-batches per step. Their features are cached and the loss is computed over the whole accumulated
+    batch, so the gradient equals that of one batch accum_steps times larger (logit scale included)."""
+    data_mode: Literal["epoch", "resampled"] = "epoch"
+    """'epoch': every shard once per epoch, in a seeded order; 'resampled': shards drawn with replacement."""
+    compile: bool = False
+    """torch.compile the model."""
+    eval_every: int = 0
+    """Run the eval section's datasets every this many steps (rank 0) and log the results; 0 disables."""
+    queue_size: int = 0
+    """MoCo-style: keep this many past momentum features (image and text) as extra negatives; 0 disables.
+    Turns on the momentum encoder."""
+    momentum: float = 0.995
+    """Momentum of the key encoder (theta_k <- m theta_k + (1 - m) theta_q) when queue_size or distill_alpha is
+    set."""
+    distill_alpha: float = 0.0
+    """ALBEF momentum distillation: weight of the momentum model's soft targets against the one-hot targets;
+    0 disables. Turns on the momentum encoder."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN/Inf is skipped (no update); this many in a row stop the run with an error."""
     lr: float = 5e-4
     """Peak learning rate."""
     weight_decay: float = 0.2
@@ -167,11 +342,19 @@ class TrainConfig:
     """torch intra-op threads per rank; 0 keeps torch's default."""
 
     def validate(self) -> None:
-        for key in ("global_batch_size", "steps", "save_every", "keep_last", "log_every"):
+        for key in ("global_batch_size", "steps", "save_every", "keep_last", "log_every", "accum_steps",
+                    "max_nonfinite_steps"):
             _check(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "workers", "threads", "shuffle_buffer"):
+        for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "workers", "threads", "shuffle_buffer",
+                    "eval_every"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        _check(self.queue_size >= 0 and 0 <= self.distill_alpha <= 1 and 0 <= self.momentum < 1,
+               "train.queue_size must be >= 0, train.distill_alpha in [0, 1] and train.momentum in [0, 1)")
+        if self.queue_size or self.distill_alpha:
+            _check(self.loss == "clip" and self.accum_steps == 1,
+                   "train.queue_size / train.distill_alpha work with train.loss=clip and train.accum_steps=1 "
+                   "(the queue already decouples the negatives from the batch)")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _check(bool(self.resume), "train.resume must be 'auto', 'never' or a checkpoint path")
 
@@ -188,44 +371,127 @@ class WandbConfig:
 class EvalDatasetConfig:
     name: str = ""
     """Name of the dataset in results."""
-    task: Literal["zeroshot_classification", "retrieval"] = "zeroshot_classification"
-    """What to measure on it."""
+    task: Literal["zeroshot_classification", "retrieval", "linear_probe"] = "zeroshot_classification"
+    """What to measure on it: zero-shot classification, image<->text retrieval, or a linear probe on frozen image
+    features (logistic regression, regularisation chosen on a validation split)."""
+    format: Literal["auto", "shards", "clip_benchmark_wds", "imagefolder", "csv", "torchvision"] = "auto"
+    """How the data is stored. 'shards': webdataset tars as `clipline prep` writes them (label in each sample's
+    .json, captions one per line in .txt); 'clip_benchmark_wds': CLIP_benchmark's layout (SPLIT/N.tar with .cls or
+    .txt, nshards.txt, classnames.txt, zeroshot_classification_templates.txt); 'imagefolder': CLASS/IMAGE trees;
+    'csv': a .csv/.tsv file of image paths with a label or caption column; 'torchvision': a torchvision dataset
+    already on disk (see torchvision_class). 'auto' tells them apart from what is on disk."""
     path: str = ""
-    """Folder of webdataset shards (or a brace pattern)."""
+    """Where the data is: a folder, a shard brace pattern, a .csv/.tsv file, or a torchvision root."""
+    split: str = ""
+    """Split to evaluate. clip_benchmark_wds and torchvision: the split name ('' means 'test'); other formats:
+    a subfolder of path ('' means path itself)."""
+    train_path: str = ""
+    """Linear probe: where the training data is ('' means path)."""
+    train_split: str = ""
+    """Linear probe: the training split, read like split ('' means 'train' for clip_benchmark_wds and
+    torchvision; for other formats train_path itself)."""
+    val_path: str = ""
+    """Linear probe: where a validation split is ('' means val_split of train_path, or a part of the train split)."""
+    val_split: str = ""
+    """Linear probe: a validation split, read like split; with neither val_path nor val_split, a seeded
+    eval.linear_probe.val_proportion of the training split is held out."""
     label_field: str = ""
-    """For classification: key of the class name in each sample's .json."""
+    """Classification: shards: key of the label in each sample's .json (required); csv: the label column
+    ('' means 'label'). Not used by the other formats."""
+    image_field: str = "path"
+    """csv: the column holding image paths (relative paths are relative to the file's folder)."""
+    caption_field: str = "caption"
+    """csv, retrieval: the caption column; rows with the same image path are one image with several captions."""
+    torchvision_class: str = ""
+    """torchvision format: the dataset class in torchvision.datasets (e.g. MNIST, CIFAR10, Food101), built with
+    root=path and download=False."""
     classnames: list[str] = field(default_factory=list)
-    """For classification: class names, in label order."""
+    """Classification: class names, in label order. Empty: classnames_file, else what the data holds (the
+    dataset's classnames.txt, ImageFolder folder names, a torchvision dataset's classes, a CSV's text labels)."""
+    classnames_file: str = ""
+    """A text file with one class name per line (blank lines are ignored), or the name of a file shipped in
+    configs/eval/classnames/ (e.g. 'cifar10')."""
     label_values: list[str] = field(default_factory=list)
-    """For classification: the label_field value of each class, when it differs from the class name (e.g. the
-    integer 2 for the class 'two'); empty means the values are the class names."""
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
-    """For classification: prompt templates; '{c}' is replaced by the class name."""
+    """Classification: the stored label of each class, when it differs from the class name (e.g. the integer 2
+    for the class 'two', or an ImageFolder folder name); empty means the labels are the class names."""
+    templates: list[str] = field(default_factory=list)
+    """Zero-shot classification: prompt templates; '{c}' is replaced by the class name. Empty: templates_file,
+    else the dataset's own template file (clip_benchmark_wds), else OpenAI's 80 ImageNet templates."""
+    templates_file: str = ""
+    """A text file with one template per line, or the name of a set shipped in configs/eval/templates/
+    (e.g. 'imagenet', 'cifar10', 'mnist')."""
 
     def validate(self) -> None:
         _check(bool(self.name) and bool(self.path), "every eval.datasets entry needs a name and a path")
-        if self.task == "zeroshot_classification":
-            _check(bool(self.label_field), f"eval dataset {self.name!r}: label_field is required for classification")
-            _check(len(self.classnames) >= 2, f"eval dataset {self.name!r}: needs at least 2 classnames")
+        _check(self.format != "torchvision" or bool(self.torchvision_class),
+               f"eval dataset {self.name!r}: format torchvision needs torchvision_class (e.g. CIFAR10)")
+        if self.task != "retrieval":
+            _check(not self.classnames or len(self.classnames) >= 2,
+                   f"eval dataset {self.name!r}: needs at least 2 classnames")
             _check(not self.label_values or len(self.label_values) == len(self.classnames),
                    f"eval dataset {self.name!r}: label_values must have one entry per classname")
-            _check(bool(self.templates) and all("{c}" in t for t in self.templates),
-                   f"eval dataset {self.name!r}: every template must contain '{{c}}'")
+            _check(all("{c}" in t for t in self.templates),
+                   f"eval dataset {self.name!r}: every template must contain '{{c}}' (the class name's place)")
+
+
+@dataclass
+class LinearProbeConfig:
+    l2_min: float = 1e-6
+    """Smallest L2 penalty (lambda, on the mean cross-entropy) of the sweep."""
+    l2_max: float = 1e2
+    """Largest L2 penalty of the sweep."""
+    grid_points: int = 9
+    """Log-spaced penalties tried first, from l2_max down to l2_min."""
+    refine_steps: int = 4
+    """Then this many rounds of trying halfway (in log space) on either side of the best so far, as in the CLIP
+    paper's parametric search."""
+    val_proportion: float = 0.2
+    """Share of the training split held out for the sweep when the dataset has no validation split."""
+    max_iter: int = 300
+    """L-BFGS iterations per fit (the problem is convex; fits stop earlier when converged)."""
+    seed: int = 0
+    """Seed of the train/validation split."""
+
+    def validate(self) -> None:
+        _check(0 < self.l2_min <= self.l2_max, "eval.linear_probe: need 0 < l2_min <= l2_max")
+        _check(self.grid_points >= 1 and self.refine_steps >= 0 and self.max_iter >= 1,
+               "eval.linear_probe: grid_points and max_iter must be >= 1, refine_steps >= 0")
+        _check(0 < self.val_proportion < 1, "eval.linear_probe.val_proportion must be in (0, 1)")
 
 
 @dataclass
 class EvalConfig:
     checkpoint: str = "${run.output_dir}/train"
-    """A checkpoint folder, or a training run folder (its newest complete checkpoint is used)."""
+    """What to evaluate: a checkpoint folder, a training run folder (its newest complete checkpoint), an open_clip
+    model folder (open_clip_config.json), a Hugging Face CLIP saved on disk (config.json + weights), or
+    ARCH:WEIGHTS (an open_clip architecture name or model JSON file, and a local .pt/.bin/.safetensors file)."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Several of the above, evaluated in turn; when set, checkpoint is ignored."""
+    all_steps: bool = False
+    """For a training run folder: evaluate every complete checkpoint, not only the newest, and plot each
+    metric over training steps."""
     datasets: list[EvalDatasetConfig] = field(default_factory=list)
     """The suite: datasets x tasks."""
     batch_size: int = 256
     output_dir: str = "${run.output_dir}/eval"
-    """results.json, results.csv and results.md go here."""
+    """results.json, results.csv and results.md (and plots/ for several steps) go here."""
     device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the encoders; similarities and metrics are computed in fp32 whatever this is."""
+    workers: int = -1
+    """Image decoding processes. -1: on a GPU one per core; on the CPU half the cores (the model runs on the
+    others). 0 decodes in the main process."""
+    progress: bool = True
+    """Show progress bars on long work (on a terminal)."""
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    """Settings of the linear-probe task."""
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "eval.batch_size must be > 0")
+        _check(self.workers >= -1, "eval.workers must be -1 (all cores), 0 or more")
+        _check(self.device in ("auto", "cpu", "cuda"), f"eval.device must be auto, cpu or cuda, got {self.device!r}")
+        self.linear_probe.validate()
         for ds in self.datasets:
             ds.validate()
         names = [ds.name for ds in self.datasets]
@@ -247,6 +513,9 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        _check(self.model.init_logit_bias is None or self.train.loss == "siglip",
+               "model.init_logit_bias is set but train.loss is 'clip': a bias added to every logit cancels in the "
+               "softmax, so it would never train; use it with train.loss=siglip")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -58,16 +59,44 @@ def register_architecture(name: str) -> str:
     return name
 
 
-def create_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
+OBJECTIVE_INIT = {"clip": (math.log(1 / 0.07), None), "siglip": (math.log(10), -10.0)}
+"""(initial log logit scale, initial logit bias) per objective, as in the CLIP and SigLIP papers."""
+
+
+def _pretrained_file(path: str) -> str | None:
+    """A weights file, or the weights inside a checkpoint / open_clip model folder."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+            if (p / name).is_file():
+                return str(p / name)
+        raise FileNotFoundError(f"model.pretrained folder {p} holds no open_clip weights file")
+    if not p.is_file():
+        raise FileNotFoundError(f"model.pretrained weights file not found: {p}")
+    return str(p)
+
+
+def create_model(cfg: ModelConfig, device: torch.device | str = "cpu", objective: str = "clip") -> ModelBundle:
+    """Build the model for training: architecture, objective-specific temperature/bias, weights, locks."""
     open_clip = _open_clip()
     arch = register_architecture(cfg.name)
-    pretrained = cfg.pretrained or None
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"model.pretrained weights file not found: {pretrained}")
+    scale, bias = OBJECTIVE_INIT[objective]
+    init = {"init_logit_scale": cfg.init_logit_scale if cfg.init_logit_scale is not None else scale}
+    if cfg.init_logit_bias is not None or bias is not None:
+        init["init_logit_bias"] = cfg.init_logit_bias if cfg.init_logit_bias is not None else bias
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=pretrained, device=device, output_dict=True)
+        arch, pretrained=_pretrained_file(cfg.pretrained), device=device, output_dict=True, **init)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(arch)
-    model_cfg = _model_cfg(arch)
+    # The saved config must rebuild this exact model (a logit bias adds a parameter).
+    model_cfg = {**_model_cfg(arch), **init}
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, arch, model_cfg)
 
 

@@ -51,17 +51,26 @@ def write_sizes(folder: str | Path, sizes: dict[str, int]) -> None:
 
 
 def list_shards(spec: str) -> list[str]:
-    """Shard paths from a folder (every ``*.tar`` in it) or a brace pattern like ``dir/{00000..00009}.tar``."""
-    p = Path(spec)
-    if p.is_dir():
-        shards = sorted(str(s) for s in p.glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"no .tar shards in {p}: run `clipline prep` first or point at a shard folder")
-        return shards
-    shards = list(braceexpand.braceexpand(spec))
-    missing = [s for s in shards if not Path(s).is_file()]
+    """Shard paths from a folder (every ``*.tar`` in it), a brace pattern like ``dir/{00000..00009}.tar``, or a
+    brace pattern of folders like ``shards/part-{0..7}`` (the output of a prep job array)."""
+    shards: list[str] = []
+    missing: list[str] = []
+    expanded = list(braceexpand.braceexpand(spec))
+    for item in expanded:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(s) for s in p.glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"no .tar shards in {p}: run `clipline prep` first or point at a shard "
+                                        f"folder")
+            shards += found
+        elif p.is_file():
+            shards.append(item)
+        else:
+            missing.append(item)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards in {spec!r} do not exist, e.g. {missing[0]}")
+        raise FileNotFoundError(f"{len(missing)} of {len(expanded)} shard paths in {spec!r} do not exist, e.g. "
+                                f"{missing[0]}")
     return shards
 
 

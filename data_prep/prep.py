@@ -1,154 +1,455 @@
-"""`clipline prep`: URL + caption list -> webdataset shards, sizes.json, manifest.json and a readable report.
+"""`clipline prep`: URL + caption list -> clean, deduplicated, decontaminated webdataset shards, with the funnel
+that accounts for every row (listed -> downloaded -> after each filter -> written) and a report.
 
-img2dataset does the downloading; this module validates the list first (so bad input fails before any output
-exists), refuses non-public addresses unless allowed, and turns img2dataset's per-shard files into the
-shard contract of :mod:`clipline.shards`.
+The build, in order:
+
+1. read and validate the list (nothing is written before it passes), drop rows that cannot become samples and
+   repeated URLs, apply the caption filters and the pre-download address check: all before any download;
+2. download with img2dataset under :mod:`data_prep.downloader`'s safeguards into ``{output_dir}/_download``
+   (incremental: the same command resumes);
+3. meanwhile, as img2dataset finishes each shard (taken in order, samples in key order), apply the image
+   filters (size, aspect ratio, exact and near duplicates, decontamination, CLIP score) and write the survivors
+   into ``{output_dir}/NNNNN.tar``;
+4. write ``sizes.json``, ``manifest.json``, ``stats.json``, ``report.md`` and its plots.
+
+``prep.input_shards`` runs steps 3-4 (with the caption filters) on an existing shard folder instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-import os
 import shutil
+import threading
+import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from clipline.config import Config, PrepConfig
 from clipline.errors import UsageError
 from clipline.io import atomic_write, atomic_write_json, atomic_write_text
-from clipline.shards import ShardManifest, write_sizes
-from data_prep.address_guard import refusal_reason
-from data_prep.url_list import clean_rows, read_url_list
+from clipline.shards import MANIFEST_FILE, SIZES_FILE, ShardManifest, list_shards, write_sizes
+from data_prep.address_guard import parse_networks, refusal_reason
+from data_prep.fetch import FetchPolicy, failure_reason
+from data_prep.filters import Funnel, SampleFilters, caption_keep_mask
+from data_prep.reshard import FEATURE_COLUMNS, image_of, output_files
+from data_prep.report import render_report, write_plots
+from data_prep.url_list import ListReport, read_url_list, validate_rows
 
 DOWNLOAD_DIR = "_download"
-"""img2dataset's working folder inside the output folder: per-shard status parquet and stats, the cleaned URL list.
-Complete shards are moved from it to the output folder, so readers only ever see finished tars."""
+"""img2dataset's working folder inside the output folder: its unfiltered shards, per-shard status parquet and
+stats, and the cleaned URL list."""
 INPUT_FILE = "urls.parquet"
 INPUT_HASH = "urls.sha256"
+LOCK_FILE = ".prep.lock"
+STATS_FILE = "stats.json"
+REPORT_FILE = "report.md"
+_EXECUTION_ONLY = ("processes", "threads", "distributor", "spark_master", "mode", "keep_downloads", "output_dir",
+                   "url_list")
+"""Config fields that change how a build runs, not what it produces."""
+
+__all__ = ["main", "run_prep", "prepare_input", "render_report", "DOWNLOAD_DIR"]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
 
 
 def main(cfg: Config) -> int:
     manifest = run_prep(cfg.prep)
-    print(render_report(manifest), flush=True)
+    log(render_report(manifest))
     return 0
 
 
-def _guard_addresses(df: pd.DataFrame, url_col: str) -> tuple[pd.DataFrame, Counter]:
+# ------------------------------------------------------------------------------------------------------------
+# Step 1: the list
+
+
+def _guard_addresses(df: pd.DataFrame, cfg: PrepConfig) -> pd.Series:
+    allowed = parse_networks(cfg.allowed_networks)
     cache: dict[str, str | None] = {}
-    reasons = df[url_col].map(lambda u: refusal_reason(u, cache))
-    refused = Counter(r for r in reasons if r is not None)
-    return df[reasons.isna()].reset_index(drop=True), refused
+    # No DNS here: a serial lookup per host does not scale to web lists, and each connection is checked anyway.
+    return df["url"].map(lambda u: refusal_reason(u, cache, allowed, resolve=False))
 
 
-def prepare_input(cfg: PrepConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Read, validate and clean the URL list; nothing is written."""
-    df = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col)
-    rows_in = len(df)
-    df, dropped = clean_rows(df, cfg.url_col, cfg.caption_col)
-    if not cfg.allow_private_networks:
-        df, refused = _guard_addresses(df, cfg.url_col)
-        dropped.update({f"refused_{k}": v for k, v in refused.items()})
-    if len(df) == 0:
-        raise UsageError(f"no usable rows in {cfg.url_list}: all {rows_in} were dropped ({dropped}); "
-                         f"check the URL and caption columns"
-                         + ("" if cfg.allow_private_networks else
-                            " (URLs on loopback/private networks need prep.allow_private_networks=true)"))
-    return df, {"rows_in": rows_in, **{f"dropped_{k}": v for k, v in dropped.items()}}
+RESERVED_COLUMNS = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
+                    "error_message", "exif", "md5", "sha256", "sha512"}
+"""Names img2dataset writes into each sample's .json itself (its arguments_validator refuses them as extras)."""
 
 
 def _extra_columns(cfg: PrepConfig, df: pd.DataFrame) -> list[str]:
+    reserved = RESERVED_COLUMNS
     if cfg.extra_columns is None:
-        return [c for c in df.columns if c not in (cfg.url_col, cfg.caption_col)]
+        return [c for c in df.columns if c not in (cfg.url_col, cfg.caption_col) and c not in reserved]
     missing = [c for c in cfg.extra_columns if c not in df.columns]
     if missing:
         raise UsageError(f"prep.extra_columns names columns the URL list lacks: {missing}; it has {list(df.columns)}")
+    taken = sorted(set(cfg.extra_columns) & reserved)
+    if taken:
+        raise UsageError(f"prep.extra_columns {taken} collide with names img2dataset writes into each sample's "
+                         f".json ({sorted(reserved)}); rename those columns in the list")
     return list(cfg.extra_columns)
 
 
-def run_prep(cfg: PrepConfig) -> ShardManifest:
-    df, input_stats = prepare_input(cfg)
+def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None) -> tuple[pd.DataFrame, ListReport]:
+    """Read, validate and clean the URL list, apply the caption filters and the address check; nothing is written.
+
+    Returns the rows to download, with columns ``url``, ``caption`` and the extra columns.
+    """
+    funnel = funnel if funnel is not None else Funnel()
+    df = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col)
+    funnel.start("listed", len(df))
+    df, report = validate_rows(df, cfg.url_col, cfg.caption_col)
+    funnel.record("list validation", report.dropped)
     extra = _extra_columns(cfg, df)
-    out = Path(cfg.output_dir)
-    work = out / DOWNLOAD_DIR
-    digest = hashlib.sha256(pd.util.hash_pandas_object(df[[cfg.url_col, cfg.caption_col]], index=True)
-                            .values.tobytes()).hexdigest()
-    if (work / INPUT_HASH).is_file() and (work / INPUT_HASH).read_text().strip() != digest:
-        raise UsageError(f"{out} holds shards built from another URL list: pick a new prep.output_dir, or delete "
-                         f"{out} to rebuild it (re-running with the same list resumes instead)")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / INPUT_HASH, digest + "\n")
+    df = df[[cfg.url_col, cfg.caption_col, *extra]].rename(columns={cfg.url_col: "url", cfg.caption_col: "caption"})
+    df = df[caption_keep_mask(df["caption"], cfg.filters, funnel).to_numpy()].reset_index(drop=True)
+    if not cfg.allow_private_networks and len(df):
+        reasons = _guard_addresses(df, cfg)
+        funnel.record("address check", {f"refused_{k}": v for k, v in Counter(reasons.dropna()).items()})
+        df = df[reasons.isna().to_numpy()].reset_index(drop=True)
+    if len(df) == 0:
+        removed = {k: v for s in funnel.stages for k, v in s.removed.items()}
+        raise UsageError(f"no usable rows in {cfg.url_list}: all {report.rows_in} were dropped ({removed}); "
+                         f"check the URL and caption columns and prep.filters"
+                         + ("" if cfg.allow_private_networks else
+                            " (URLs on loopback/private networks need prep.allow_private_networks=true or "
+                            "prep.allowed_networks)"))
+    return df, report
+
+
+def _list_digest(df: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(df[["url", "caption"]], index=True).values.tobytes()).hexdigest()
+
+
+def build_key(cfg: PrepConfig, list_digest: str) -> str:
+    """Identifies what a build produces: the list to download plus every setting that shapes the output."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _EXECUTION_ONLY}
+    return hashlib.sha256(json.dumps([list_digest, settings], sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The output folder: one build at a time, overwrite, up-to-date check
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Refuse a second `clipline prep` on the same folder; the kernel drops the lock if the process dies."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another `clipline prep` is writing to {out}; wait for it or pick another "
+                             f"prep.output_dir") from None
+        yield
+
+
+def clear_build(out: Path) -> None:
+    """Delete what `clipline prep` writes in ``out`` (and nothing else)."""
+    shutil.rmtree(out / DOWNLOAD_DIR, ignore_errors=True)
+    for pattern in ("[0-9]*.tar", ".[0-9]*.tar.tmp", SIZES_FILE, MANIFEST_FILE, STATS_FILE, REPORT_FILE,
+                    "report_*.png"):
+        for p in out.glob(pattern):
+            p.unlink()
+
+
+def _up_to_date(out: Path, key: str) -> ShardManifest | None:
+    try:
+        manifest = ShardManifest.read(out)
+    except (OSError, ValueError, TypeError):
+        return None
+    if manifest.stats.get("build_key") == key and all((out / s).is_file() for s in manifest.shards):
+        return manifest
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step 2: download
+
+
+def fetch_policy(cfg: PrepConfig) -> FetchPolicy:
+    return FetchPolicy(
+        timeout=float(cfg.timeout), deadline=cfg.deadline, retries=cfg.retries, max_bytes=cfg.max_image_bytes,
+        max_pixels=cfg.max_image_pixels, user_agent_token=cfg.user_agent_token,
+        disallowed_header_directives=frozenset(d.strip().lower() for d in cfg.disallowed_header_directives),
+        respect_robots_txt=cfg.respect_robots_txt, allow_private_networks=cfg.allow_private_networks,
+        allowed_networks=tuple(cfg.allowed_networks), accepted_content_types=tuple(cfg.accepted_content_types))
+
+
+def _download(cfg: PrepConfig, work: Path, df: pd.DataFrame) -> None:
+    from data_prep.downloader import DownloadRequest, run_download
+
     input_path = atomic_write(work / INPUT_FILE, lambda p: df.to_parquet(p, index=False))
-    _download(cfg, str(input_path), str(work), extra)
-    return _collect(cfg, out, work, input_stats)
-
-
-def _download(cfg: PrepConfig, input_path: str, work: str, extra: list[str]) -> None:
-    # albumentations (imported by img2dataset) otherwise checks for updates over the network in every process.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download
-
-    download(
-        url_list=input_path, input_format="parquet", url_col=cfg.url_col, caption_col=cfg.caption_col,
-        save_additional_columns=extra or None, output_folder=work, output_format="webdataset",
+    run_download(DownloadRequest(
+        url_list=str(input_path), output_folder=str(work), rows=len(df),
+        extra_columns=[c for c in df.columns if c not in ("url", "caption")], policy=fetch_policy(cfg),
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, encode_format=cfg.encode_format,
-        encode_quality=cfg.encode_quality, number_sample_per_shard=cfg.samples_per_shard,
-        processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=cfg.retries,
-        min_image_size=cfg.min_image_size, user_agent_token=cfg.user_agent_token,
-        disallowed_header_directives=cfg.disallowed_header_directives, distributor="multiprocessing",
-        incremental_mode="incremental", enable_wandb=False,
-    )
+        encode_quality=cfg.encode_quality, samples_per_shard=cfg.samples_per_shard, processes=cfg.processes,
+        threads=cfg.threads, distributor=cfg.distributor, spark_master=cfg.spark_master))
 
 
-def _collect(cfg: PrepConfig, out: Path, work: Path, input_stats: dict) -> ShardManifest:
-    """Move finished shards into place and write sizes.json, manifest.json, stats.json and report.md."""
-    sizes: dict[str, int] = {}
-    status: Counter = Counter()
-    errors: Counter = Counter()
-    # A shard is finished once img2dataset wrote its stats file; a tar without one is a crash's leftover.
-    for stats_path in sorted(work.glob("[0-9]*_stats.json")):
-        shard = stats_path.name[: -len("_stats.json")]
-        stats = json.loads(stats_path.read_text())
-        if (work / f"{shard}.tar").is_file():
-            os.replace(work / f"{shard}.tar", out / f"{shard}.tar")
-        if stats.get("successes", 0) > 0 and (out / f"{shard}.tar").is_file():
-            sizes[f"{shard}.tar"] = int(stats["successes"])
-        status.update({"success": stats.get("successes", 0), "failed_to_download": stats.get("failed_to_download", 0),
-                       "failed_to_resize": stats.get("failed_to_resize", 0)})
-        errors.update(stats.get("status_dict", {}))
-    # Shards that came out empty are removed, so readers never open a tar with no samples.
-    for tar in out.glob("[0-9]*.tar"):
-        if tar.name not in sizes:
-            tar.unlink()
-    shutil.rmtree(work / "_tmp", ignore_errors=True)
+def download_outcomes(work: Path) -> tuple[Counter, Counter, Counter]:
+    """img2dataset's status counts, failure reasons and raw failure messages over every finished shard."""
+    from data_prep.downloader import finished_shards
+
+    status, reasons, messages = Counter(), Counter(), Counter()
+    for shard_id in sorted(finished_shards(work)):
+        table = pd.read_parquet(work / f"{shard_id:05d}.parquet", columns=["status", "error_message"])
+        status.update(table["status"].fillna("failed_to_download"))
+        failed = table[table["status"] != "success"]
+        messages.update(failed["error_message"].fillna("unknown"))
+        reasons.update(failed["error_message"].map(failure_reason))
+    return status, reasons, messages
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step 3: filters over shards
+
+
+def _sample_meta(row) -> dict:
+    from data_prep.reshard import phash_hex
+
+    meta = {}
+    if getattr(row, "phash", None) is not None and phash_hex(row.phash):
+        meta["phash"] = phash_hex(row.phash)
+    score = getattr(row, "clip_score", None)
+    if score is not None and not np.isnan(score):
+        meta["clip_score"] = round(float(score), 6)
+    return meta
+
+
+@dataclass
+class Filtered:
+    sizes: dict[str, int]
+    """Output shard -> samples."""
+    kept: pd.DataFrame
+    """Features of the written samples (caption, original size, hashes, scores)."""
+    read: int
+    stages: dict[str, Counter]
+    """Filter stage -> removed by reason, in the order the stages ran."""
+
+
+def filter_and_write(filters: SampleFilters, cfg: PrepConfig, shards: Iterable[str], n_shards: int, out: Path,
+                     stats: dict) -> Filtered:
+    """Filter the samples of ``shards`` (in order) and write the survivors to ``out`` as they come. Only a CLIP
+    top fraction waits for every score, then re-reads the shards to write."""
+    from data_prep.reshard import ShardWriter, progress, read_shard, remove_stale, write_kept
+
+    out.mkdir(parents=True, exist_ok=True)
+    # From here the folder's shards change: a manifest left from an earlier build must not vouch for them.
+    for name in (MANIFEST_FILE, SIZES_FILE):
+        (out / name).unlink(missing_ok=True)
+    remove_stale(out)
+    writer = ShardWriter(out, cfg.samples_per_shard)
+    skipped: Counter = Counter()
+    kept_parts, read = [], 0
+    for shard in progress(shards, n_shards, "filtering"):
+        start = time.perf_counter()
+        features, samples = read_shard(shard, filters.needs_phash, skipped)
+        read += len(features)
+        keys = features["key"].tolist()
+        keep = filters.apply(features, lambda rows: [image_of(samples[keys[i]]) for i in rows])
+        kept = features[keep]
+        if not filters.deferred:
+            for row in kept.itertuples(index=False):
+                writer.write(row.key, output_files(samples[row.key], _sample_meta(row)))
+        kept_parts.append(kept)
+        stats["timings"]["filter_and_write"] = stats["timings"].get("filter_and_write", 0) + time.perf_counter() - start
+    kept = pd.concat(kept_parts, ignore_index=True) if kept_parts else pd.DataFrame(columns=FEATURE_COLUMNS)
+    if filters.deferred:
+        kept = kept[filters.apply_deferred(kept["clip_score"].to_numpy())]
+        write_kept(kept, writer, skipped, _sample_meta)
+    if skipped:
+        stats["skipped_while_reading"] = dict(skipped)
+    return Filtered(writer.close(), kept, read, filters.removed)
+
+
+def _record(funnel: Funnel, result: Filtered, caption_filters: bool) -> None:
+    if caption_filters:
+        funnel.start("read from shards", result.read)
+    for stage, removed in result.stages.items():
+        funnel.record(stage, dict(removed))
+    funnel.record("written", {})
+
+
+class ConcurrentFilter(threading.Thread):
+    """Filters and writes each downloaded shard, in order, as soon as img2dataset finishes it: the parent process
+    is idle while its workers download, and the last shards download on fewer cores than the first, so the filter
+    pass costs little wall time on top of the download."""
+
+    POLL_S = 0.1
+
+    def __init__(self, filters, cfg: PrepConfig, work: Path, n_shards: int, out: Path, stats: dict):
+        super().__init__(name="prep-filter", daemon=True)
+        self.filters, self.cfg, self.work, self.n_shards, self.out, self.stats = filters, cfg, work, n_shards, out, stats
+        self.download_done = threading.Event()
+        self.result: Filtered | None = None
+        self.error: BaseException | None = None
+
+    def _finished_shards(self) -> Iterator[str]:
+        for shard_id in range(self.n_shards):
+            name = f"{shard_id:05d}"
+            while not (self.work / f"{name}_stats.json").is_file():
+                if self.download_done.wait(self.POLL_S) and not (self.work / f"{name}_stats.json").is_file():
+                    raise _DownloadStopped()
+            yield str(self.work / f"{name}.tar")
+
+    def run(self) -> None:
+        try:
+            self.result = filter_and_write(self.filters, self.cfg, self._finished_shards(), self.n_shards, self.out,
+                                           self.stats)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            self.error = e
+
+    def wait(self) -> Filtered:
+        """The result, once the download has finished every shard (run_download raised otherwise)."""
+        self.download_done.set()
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self) -> None:
+        self.download_done.set()
+        self.join()
+
+
+class _DownloadStopped(Exception):
+    """The download ended without this shard; the main thread reports why."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Step 4: manifest, stats, report
+
+
+def _finish(cfg: PrepConfig, out: Path, result: Filtered, funnel: Funnel, stats: dict, source: str) -> ShardManifest:
+    sizes, kept = result.sizes, result.kept
+    stats["funnel"] = funnel.to_list()
+    words = kept["caption"].str.split().str.len().to_numpy() if len(kept) else np.zeros(0)
+    stats["plots"] = write_plots(out, stats["funnel"], words, kept["width"].to_numpy(), kept["height"].to_numpy())
     if not sizes:
-        raise UsageError(f"prep wrote no samples to {out}: every download failed ({dict(errors.most_common(5))}); "
-                         f"check that the URLs are reachable")
-    errors.pop("success", None)
-    stats = {**input_stats, **dict(status), "failure_reasons": dict(errors.most_common(20))}
-    manifest = ShardManifest(shards=sorted(sizes), sizes=sizes, total_samples=sum(sizes.values()),
-                             source=str(cfg.url_list), stats=stats, config=asdict(cfg))
+        atomic_write_json(out / STATS_FILE, stats)
+        raise UsageError(f"prep wrote no samples to {out}: the funnel is {[(s['stage'], s['count']) for s in stats['funnel']]}"
+                         f"; see {out / STATS_FILE} for the reasons (failures: "
+                         f"{dict(Counter(stats.get('failure_reasons', {})).most_common(5))})")
+    manifest = ShardManifest(shards=sorted(sizes), sizes=sizes, total_samples=sum(sizes.values()), source=source,
+                             stats=stats, config=asdict(cfg))
     write_sizes(out, sizes)
-    atomic_write_json(out / "stats.json", stats)
+    atomic_write_json(out / STATS_FILE, stats)
     manifest.write(out)
-    atomic_write_text(out / "report.md", render_report(manifest))
+    atomic_write_text(out / REPORT_FILE, render_report(manifest))
     return manifest
 
 
-def render_report(m: ShardManifest) -> str:
-    s = m.stats
-    lines = [f"# Shards built from {m.source}", "",
-             f"{m.total_samples} samples in {len(m.shards)} shards.", "",
-             "| step | count |", "|---|---:|", f"| rows in the URL list | {s.get('rows_in', 0)} |"]
-    lines += [f"| dropped before download: {k[len('dropped_'):].replace('_', ' ')} | {v} |"
-              for k, v in s.items() if k.startswith("dropped_")]
-    lines += [f"| downloaded and written | {s.get('success', 0)} |",
-              f"| failed to download | {s.get('failed_to_download', 0)} |",
-              f"| failed to decode/resize | {s.get('failed_to_resize', 0)} |"]
-    if s.get("failure_reasons"):
-        lines += ["", "Failure reasons (most common first):", ""]
-        lines += [f"- {reason}: {n}" for reason, n in s["failure_reasons"].items()]
-    return "\n".join(lines) + "\n"
+def _legacy_counts(report: ListReport, status: Counter, messages: Counter) -> dict:
+    """The download counts in img2dataset's terms (success / failed_to_download / failed_to_resize)."""
+    return {"rows_in": report.rows_in, **{f"dropped_{k}": v for k, v in report.dropped.items()},
+            "success": status.get("success", 0), "failed_to_download": status.get("failed_to_download", 0),
+            "failed_to_resize": status.get("failed_to_resize", 0),
+            "failure_reasons": dict(messages.most_common(20))}
+
+
+def _check_downloads_kept(work: Path, out: Path) -> None:
+    """Before anything in ``out`` is replaced: re-filtering needs the unfiltered shards of finished downloads."""
+    from data_prep.downloader import finished_shards
+
+    gone = [f"{i:05d}.tar" for i in sorted(finished_shards(work)) if not (work / f"{i:05d}.tar").is_file()]
+    if gone:
+        raise UsageError(f"the downloaded shards ({', '.join(gone[:3])}...) were deleted (prep.keep_downloads=false) "
+                         f"and the filters changed: filter the built shards instead (prep.input_shards={out} with "
+                         f"another prep.output_dir), or rebuild with prep.mode=overwrite")
+
+
+def check_filter_inputs(cfg: PrepConfig) -> None:
+    """Files the filters need must exist before hours of downloading, not after."""
+    f = cfg.filters
+    for folder in f.decontaminate:
+        if not Path(folder).exists():
+            raise UsageError(f"prep.filters.decontaminate: {folder} does not exist (give a folder of webdataset "
+                             f"shards or of image files)")
+    if f.clip_model and not (Path(f.clip_model).exists() or f.clip_pretrained):
+        raise UsageError(f"prep.filters.clip_model {f.clip_model!r} is neither a checkpoint folder nor a model "
+                         f"file, and prep.filters.clip_pretrained is empty: give the weights to score with")
+    if f.clip_pretrained and not Path(f.clip_pretrained).is_file():
+        raise UsageError(f"prep.filters.clip_pretrained: weights file not found: {f.clip_pretrained}")
+
+
+def run_prep(cfg: PrepConfig) -> ShardManifest:
+    check_filter_inputs(cfg)
+    if cfg.input_shards:
+        return filter_existing(cfg)
+    funnel = Funnel()
+    start = time.perf_counter()
+    df, report = prepare_input(cfg, funnel)
+    log(f"URL list {cfg.url_list}: {report.rows_in} rows, {len(df)} to download"
+        + "".join(f"\n  dropped, {line}" for line in report.lines()))
+    out = Path(cfg.output_dir)
+    work = out / DOWNLOAD_DIR
+    digest = _list_digest(df)
+    key = build_key(cfg, digest)
+    with build_lock(out):
+        if cfg.mode == "overwrite":
+            clear_build(out)
+        elif (work / INPUT_HASH).is_file() and (work / INPUT_HASH).read_text().strip() != digest:
+            raise UsageError(f"{out} holds shards built from another URL list (or other caption filters): pick a "
+                             f"new prep.output_dir, or prep.mode=overwrite to rebuild it (re-running with the same "
+                             f"list resumes instead)")
+        done = _up_to_date(out, key)
+        if done is not None:
+            log(f"{out} is up to date ({done.total_samples} samples)")
+            return done
+        _check_downloads_kept(work, out)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / INPUT_HASH, digest + "\n")
+        stats = {"list_issues": report.issues, "build_key": key,
+                 "timings": {"validate": time.perf_counter() - start}}
+        start = time.perf_counter()
+        n_shards = -(-len(df) // cfg.samples_per_shard)
+        filtering = ConcurrentFilter(SampleFilters(cfg, caption_filters=False, stats=stats), cfg, work, n_shards,
+                                     out, stats)
+        filtering.start()
+        try:
+            _download(cfg, work, df)
+        except BaseException:
+            filtering.stop()  # the download's error is the one to report
+            raise
+        result = filtering.wait()
+        stats["timings"]["download_and_filter"] = time.perf_counter() - start
+        status, reasons, messages = download_outcomes(work)
+        funnel.record("download", dict(reasons))
+        _record(funnel, result, caption_filters=False)
+        stats.update(_legacy_counts(report, status, messages))
+        log(f"downloaded {status.get('success', 0)} of {len(df)}, wrote {len(result.kept)}")
+        manifest = _finish(cfg, out, result, funnel, stats, source=str(cfg.url_list))
+        if not cfg.keep_downloads:
+            for tar in work.glob("[0-9]*.tar"):
+                tar.unlink()
+        return manifest
+
+
+def filter_existing(cfg: PrepConfig) -> ShardManifest:
+    """Filter an existing shard folder (``prep.input_shards``) and re-shard the survivors into output_dir."""
+    try:
+        shards = list_shards(cfg.input_shards)
+    except FileNotFoundError as e:
+        raise UsageError(f"prep.input_shards: {e}") from None
+    out = Path(cfg.output_dir)
+    if out.resolve() == Path(shards[0]).parent.resolve():
+        raise UsageError(f"prep.output_dir must differ from prep.input_shards ({out}): the survivors are written "
+                         f"as new shards while the old ones are read")
+    funnel, stats = Funnel(), {"input_shards": cfg.input_shards, "timings": {}}
+    with build_lock(out):
+        clear_build(out)
+        log(f"filtering {len(shards)} shards from {cfg.input_shards} into {out}")
+        filters = SampleFilters(cfg, caption_filters=True, stats=stats)
+        result = filter_and_write(filters, cfg, shards, len(shards), out, stats)
+        _record(funnel, result, caption_filters=True)
+        return _finish(cfg, out, result, funnel, stats, source=str(cfg.input_shards))

@@ -10,12 +10,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, topk: tup
     n, n_classes = logits.shape
     ranked = logits.topk(min(max(topk), n_classes), dim=1).indices
     hits = ranked == labels[:, None]
-    out = {f"top{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in topk if k <= n_classes}
+    out = {f"top{k}": float(hits[:, :k].any(dim=1).double().mean()) for k in topk if k <= n_classes}
     correct = hits[:, 0]
     per_class = []
     for c in range(n_classes):
         mask = labels == c
-        per_class.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+        per_class.append(float(correct[mask].double().mean()) if mask.any() else float("nan"))
     present = [r for r in per_class if r == r]
     out["mean_per_class_recall"] = sum(present) / len(present)
     out["per_class_recall"] = per_class
@@ -40,9 +40,9 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks:
     out = {}
     for k in ks:
         top_images = similarity.T.topk(min(k, n_images), dim=1).indices
-        out[f"text_to_image_R@{k}"] = float((top_images == text_to_image[:, None]).any(dim=1).float().mean())
+        out[f"text_to_image_R@{k}"] = float((top_images == text_to_image[:, None]).any(dim=1).double().mean())
         top_texts = similarity.topk(min(k, n_texts), dim=1).indices
-        out[f"image_to_text_R@{k}"] = float(positives.gather(1, top_texts).any(dim=1).float().mean())
+        out[f"image_to_text_R@{k}"] = float(positives.gather(1, top_texts).any(dim=1).double().mean())
     return out
 
 

@@ -15,7 +15,11 @@ def write(tmp_path: Path, name: str, data: dict) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+CLIPLINE_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
+                          if "accelerate" not in p.parts)  # configs/accelerate/ holds accelerate's own configs
+
+
+@pytest.mark.parametrize("path", CLIPLINE_CONFIGS)
 def test_every_shipped_config_loads(path):
     # test-tiny.yaml is an overlay: it is loaded on top of demo.yaml, as its header says.
     files = [str(REPO / "configs/demo.yaml"), str(REPO / path)] if "test-tiny" in path else [str(REPO / path)]
@@ -94,3 +98,11 @@ def test_cli_errors_are_one_line_and_nonzero(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (REPO / "configs" / "accelerate").glob("*.yaml")))
+def test_accelerate_configs_are_valid_accelerate_configs(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(path)
+    assert cfg.num_processes >= 1 and cfg.distributed_type is not None

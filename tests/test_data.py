@@ -114,3 +114,27 @@ def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
 def test_stream_state_must_match_streams(tiny_shards):
     with pytest.raises(ValueError, match="expected 2"):
         stream(list_shards(str(tiny_shards)), state=StreamState(positions=[0]), n_streams=2)
+
+
+def test_resampled_mode_draws_with_replacement_deterministically(tiny_shards):
+    shards = list_shards(str(tiny_shards))
+    s = ShardStream(shards, batch_size=8, rank=0, world_size=1, seed=3, shuffle_buffer=20,
+                    image_transform=random_crop, tokenizer=identity_tokens, n_streams=1, resampled=True)
+    epochs = [s._epoch_shards(e, 0) for e in range(12)]
+    assert epochs == [s._epoch_shards(e, 0) for e in range(12)]  # deterministic
+    assert all(len(e) == len(shards) for e in epochs)
+    assert any(len(set(e)) < len(e) for e in epochs)  # with replacement: some epoch repeats a shard
+    batches = take(make_loader(s, workers=0), 3)
+    assert all(b.images.shape[0] == 8 for b in batches)
+
+
+def test_list_shards_accepts_folders_patterns_and_folder_patterns(tmp_path):
+    from conftest import make_shard_folder
+
+    for part in (0, 1):
+        make_shard_folder(tmp_path / f"part-{part}", n_shards=2 + part, per_shard=2, seed=part)
+    assert len(list_shards(str(tmp_path / "part-{0..1}"))) == 5
+    assert len(list_shards(str(tmp_path / "part-1"))) == 3
+    assert list_shards(str(tmp_path / "part-0/{00000..00001}.tar"))[1].endswith("part-0/00001.tar")
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        list_shards(str(tmp_path / "part-{0..2}"))

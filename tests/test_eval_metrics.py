@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from eval.metrics import classification_chance, classification_metrics, retrieval_chance, retrieval_metrics
 
@@ -53,3 +54,62 @@ def test_retrieval_chance_matches_formula_and_simulation():
     sims = [retrieval_metrics(torch.rand(4, 12, generator=g), text_to_image, ks=(5,))["image_to_text_R@5"]
             for _ in range(4000)]
     assert sum(sims) / len(sims) == pytest.approx(c["image_to_text_R@5"], abs=0.02)
+
+
+def test_absent_class_is_left_out_of_the_mean_recall():
+    # 3 classes, class 2 never occurs: its recall is undefined (nan) and not averaged in.
+    logits = torch.tensor([[2.0, 1, 0], [0, 2, 1], [2, 1, 0]])
+    labels = torch.tensor([0, 1, 1])
+    m = classification_metrics(logits, labels, topk=(1,))
+    assert m["per_class_recall"][:2] == [1.0, 0.5] and math.isnan(m["per_class_recall"][2])
+    assert m["mean_per_class_recall"] == pytest.approx(0.75)
+    assert m["top1"] == pytest.approx(2 / 3)
+
+
+class _LookupModel(torch.nn.Module):
+    """encode_text/encode_image return fixed vectors: the tokenizer hands over row indices of a table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def encode_text(self, rows):
+        return self.table[rows]
+
+    def encode_image(self, images):
+        return images.flatten(1) @ self.table[: images[0].numel()]
+
+
+def test_zero_shot_classifier_by_hand():
+    from eval.zeroshot import zero_shot_classifier
+
+    prompts = ["a cat", "the cat", "a dog", "the dog"]
+    table = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.0, -1.0]])
+    model = _LookupModel(table)
+
+    def tokenizer(texts):
+        return torch.tensor([prompts.index(t) for t in texts])
+
+    clf = zero_shot_classifier(model, tokenizer, ["cat", "dog"], ["a {c}", "the {c}"], "cpu")
+    # cat: mean of [0.6, 0.8] and [1, 0] = [0.8, 0.4] -> normalised [2, 1] / sqrt(5)
+    assert clf[0].tolist() == pytest.approx([2 / math.sqrt(5), 1 / math.sqrt(5)])
+    # dog: [0, 1] and [0, -1] average to zero: no direction (and no NaN)
+    assert torch.isfinite(clf).all()
+
+
+def test_features_are_fp32_whatever_the_model_precision():
+    from eval.zeroshot import encode_images, encode_texts
+
+    table = torch.randn(12, 4)
+    model = _LookupModel(table).to(torch.bfloat16)
+    images = [Image.new("RGB", (2, 2), (40 * i, 200 - 30 * i, 17 * i)) for i in range(5)]
+
+    def preprocess(image):
+        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(2, 2, 3).permute(2, 0, 1).to(
+            torch.bfloat16) / 255
+
+    feats, ok = encode_images(model, preprocess, images, "cpu", batch_size=2)
+    assert feats.dtype == torch.float32 and ok.all()
+    assert feats.norm(dim=1).tolist() == pytest.approx([1.0] * 5, abs=1e-6)
+    texts = encode_texts(model, lambda t: torch.tensor([int(x) for x in t]), ["0", "3"], "cpu", 8, precision="bf16")
+    assert texts.dtype == torch.float32

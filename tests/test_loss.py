@@ -60,21 +60,28 @@ def _worker(rank, world_size, init_file, results):
         loss.backward()  # DDP averages the parameter gradients over ranks
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
+        # open_clip's ClipLoss in its distributed mode (local rows, gather with gradient) on the same features
+        from open_clip.loss import ClipLoss
+
+        theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(
+            img.detach(), txt.detach(), scale.detach().exp())
         results[rank] = (float(mean_loss) / world_size,
-                         {n: p.grad.clone() for n, p in model.module.named_parameters()})
+                         {n: p.grad.clone() for n, p in model.module.named_parameters()},
+                         float(loss), float(theirs))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_gathered_loss_and_gradients_equal_single_process(world_size, tmp_path):
     ref_loss, ref_grads = reference()
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(world_size, str(tmp_path / "init"), results), nprocs=world_size, join=True)
     assert len(results) == world_size
     for rank in range(world_size):
-        loss, grads = results[rank]
+        loss, grads, local_loss, open_clip_local_loss = results[rank]
         assert loss == pytest.approx(float(ref_loss), rel=1e-10)
+        assert local_loss == pytest.approx(open_clip_local_loss, rel=1e-10)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=f"rank {rank} grad {name}")
 

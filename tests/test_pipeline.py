@@ -117,7 +117,7 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_shards):
     result = _train(tmp_path / "ddp", tiny_shards, "train.steps=4", "train.save_every=2",
                     launcher=["--standalone", "--nproc_per_node", "2"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "(2 x 16)" in result.stdout
+    assert "(2 x 1 x 16)" in result.stdout
     state = torch.load(tmp_path / "ddp" / "train" / "checkpoints" / "step_00000004" / "train_state.pt",
                        weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 4

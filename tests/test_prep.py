@@ -156,3 +156,11 @@ def test_another_list_into_the_same_folder_is_refused(tmp_path, served_split):
         with pytest.raises(UsageError, match="another URL list"):
             run_prep(PrepConfig(url_list=str(tmp_path / "other.parquet"), output_dir=str(out),
                                 allow_private_networks=True))
+
+
+def test_the_list_check_judges_literals_without_dns(monkeypatch, no_connections):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("a DNS lookup was made"))
+    assert refusal_reason("http://10.0.0.1/a.jpg", resolve=False) == "private_address"
+    assert refusal_reason("http://[::1]:80/a.jpg", resolve=False) == "private_address"
+    assert refusal_reason("http://LOCALHOST./a.jpg", resolve=False) == "private_address"
+    assert refusal_reason("http://intranet.example/a.jpg", resolve=False) is None  # checked at connect time

@@ -1,8 +1,9 @@
 """Streaming image-text batches from webdataset tar shards, deterministically, so a resume continues exactly.
 
-A rank reads ``workers`` streams (one per DataLoader worker; stream 0 when there are none). Each epoch the shard
-list is permuted with a seed that depends only on (seed, epoch), and shard i of that order goes to global stream
-``i mod (world_size * workers)``. A stream shuffles its samples in a seeded buffer and yields full batches, each
+A rank reads ``workers`` streams (one per DataLoader worker; stream 0 when there are none). In epoch mode the shard
+list is permuted each epoch with a seed that depends only on (seed, epoch), and shard i of that order goes to global
+stream ``i mod (world_size * workers)``, so ranks and workers read disjoint shards; in resampled mode each stream
+draws its shards with replacement from its own seeded generator. A stream shuffles its samples in a seeded buffer and yields full batches, each
 tagged with its stream and with how many raw samples the stream had consumed when the batch was complete.
 The trainer records the position of every stream after each consumed batch; on resume, every stream fast-forwards
 through its tar bytes (no image is decoded) to its recorded position, so the batch sequence goes on as if never
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -61,21 +63,24 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], *, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle_buffer: int, image_transform: Callable, tokenizer: Callable, n_streams: int,
-                 state: StreamState | None = None):
+                 state: StreamState | None = None, resampled: bool = False):
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.batch_size = list(shards), batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer, self.n_streams = shuffle_buffer, n_streams
+        self.shuffle_buffer, self.n_streams, self.resampled = shuffle_buffer, n_streams, resampled
         self.image_transform, self.tokenizer = image_transform, tokenizer
         self.state = state or StreamState(positions=[0] * n_streams)
         if len(self.state.positions) != n_streams:
             raise ValueError(f"stream state has {len(self.state.positions)} streams, expected {n_streams}")
 
     def _epoch_shards(self, epoch: int, global_stream: int) -> list[str]:
+        total = self.world_size * self.n_streams
+        if self.resampled:  # shards drawn with replacement, independently per stream
+            rng = random.Random(f"{self.seed}-resample-{epoch}-{global_stream}")
+            return rng.choices(self.shards, k=max(1, len(self.shards) // total))
         order = list(self.shards)
         random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
-        total = self.world_size * self.n_streams
         # More streams than shards: each stream still gets one shard, so no rank starves and stalls the others.
         return order[global_stream::total] or [order[global_stream % len(order)]]
 
@@ -156,6 +161,14 @@ class ShardStream(IterableDataset):
         yield from self._batches(stream, self.state.positions[stream])
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Slurm and `kill -TERM -PGID` signal the whole process tree. The main process turns SIGTERM/SIGUSR1 into a
+    # checkpoint at the next step; a worker that died of it instead would crash the loader first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)

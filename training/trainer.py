@@ -14,7 +14,9 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,8 +31,10 @@ from clipline.errors import UsageError
 from clipline.io import atomic_write_text
 from clipline.models import ModelBundle, create_model, open_clip_folder_config, save_model_weights
 from clipline.shards import dataset_size, list_shards
-from training.data import ShardStream, StreamState, make_loader
-from training.loss import contrastive_loss
+from training.data import Batch, ShardStream, StreamState, make_loader
+from training.loss import contrastive_loss, siglip_loss, tiled_contrastive_loss, tiled_siglip_loss
+from training.objectives import (FeatureQueue, all_gather_no_grad, itc_distill_loss, make_momentum_encoder,
+                                 momentum_update)
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +109,22 @@ def start_wandb(cfg: WandbConfig, run_name: str, out: Path, config: dict, env: D
     import wandb
 
     run_id_file = out / "wandb_run_id"
-    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else wandb.util.generate_id()
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:8]
     atomic_write_text(run_id_file, run_id)
     return wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_name, id=run_id, resume="allow",
                       mode=cfg.mode, dir=str(out), config=config)
 
 
 class Trainer:
+    """Owns the model, optimizer, data position and counters; ``train()`` is the loop."""
+
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.tc, self.env = cfg, cfg.train, env
-        if self.tc.global_batch_size % env.world_size:
-            raise UsageError(f"train.global_batch_size={self.tc.global_batch_size} is not divisible by the world "
-                             f"size {env.world_size}; pick a multiple of it")
-        self.local_batch = self.tc.global_batch_size // env.world_size
+        per_rank, rem = divmod(self.tc.global_batch_size, env.world_size * self.tc.accum_steps)
+        if rem or per_rank == 0:
+            raise UsageError(f"train.global_batch_size={self.tc.global_batch_size} must be a multiple of world size "
+                             f"({env.world_size}) x train.accum_steps ({self.tc.accum_steps})")
+        self.micro_batch = per_rank
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         self.out = Path(self.tc.output_dir)
@@ -125,18 +132,25 @@ class Trainer:
         self.shards = list_shards(self.tc.data)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         random.seed(cfg.run.seed)
-        self.bundle: ModelBundle = create_model(cfg.model, device=env.device)
+        self.bundle: ModelBundle = create_model(cfg.model, device=env.device, objective=self.tc.loss)
         self.model = self.bundle.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tc.weight_decay), lr=self.tc.lr,
                                            betas=(self.tc.beta1, self.tc.beta2), eps=self.tc.eps)
         use_scaler = self.tc.precision == "fp16" and env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.momentum_model, self.queues = None, {}
+        if self.tc.queue_size or self.tc.distill_alpha:
+            self.momentum_model = make_momentum_encoder(self.model)
+            if self.tc.queue_size:
+                dim = self.bundle.model_cfg["embed_dim"]
+                self.queues = {k: FeatureQueue(self.tc.queue_size, dim, env.device) for k in ("image", "text")}
         self.step, self.samples_seen = 0, 0
         self.n_streams = max(1, self.tc.workers)
         self.stream_state = StreamState(positions=[0] * self.n_streams)
         self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda"
                                             else None) if env.world_size > 1 else self.model)
+        self.forward = torch.compile(self.ddp) if self.tc.compile else self.ddp
 
     # -- state -------------------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -153,29 +167,52 @@ class Trainer:
         from safetensors.torch import load_file
 
         self.model.load_state_dict(load_file(str(path / WEIGHTS), device=str(self.env.device)))
-        state = torch.load(path / TRAIN_STATE, map_location=self.env.device, weights_only=True)
+        state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
-        same_layout = state["world_size"] == self.env.world_size and state["streams"] == self.n_streams
+        if self.momentum_model is not None:
+            self.momentum_model.load_state_dict(state["momentum_model"])
+            for name, queue in self.queues.items():
+                queue.load_state_dict(state["queues"][name])
+        same_layout = (state["world_size"], state["streams"], state.get("micro_batch")) == (
+            self.env.world_size, self.n_streams, self.micro_batch)
         if same_layout:
             data = state["data"][self.env.rank]
             self.stream_state = StreamState(positions=list(data["positions"]), next_stream=int(data["next_stream"]))
-            torch.set_rng_state(state["rng"][self.env.rank]["torch"].cpu())
+            rng = state["rng"][self.env.rank]
+            torch.set_rng_state(rng["torch"])
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+            if "cuda" in rng and self.env.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.env.device)
         else:
-            log.warning("checkpoint was written with world_size=%s, workers=%s; now %s, %s: weights, optimizer and "
-                        "step are restored, the data order restarts", state["world_size"], state["streams"],
-                        self.env.world_size, self.n_streams)
+            log.warning("checkpoint was written with world_size=%s, workers=%s, micro-batch %s; now %s, %s, %s: "
+                        "weights, optimizer, schedule and step are restored, the data order restarts",
+                        state["world_size"], state["streams"], state.get("micro_batch"), self.env.world_size,
+                        self.n_streams, self.micro_batch)
+            # A fresh order, not a replay of the first samples the run already trained on.
+            self.stream_seed_offset = self.step
         print0(f"resumed from {path} at step {self.step}")
 
     def _train_state(self) -> dict:
-        local = {"data": asdict(self.stream_state), "rng": {"torch": torch.get_rng_state()}}
+        version, state, gauss = random.getstate()
+        rng = {"torch": torch.get_rng_state(), "python": [version, list(state), gauss]}
+        if self.env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        local = {"data": asdict(self.stream_state), "rng": rng}
         every = [local]
         if self.env.world_size > 1:
             every = [None] * self.env.world_size
             dist.all_gather_object(every, local)
-        return {"step": self.step, "samples_seen": self.samples_seen, "optimizer": self.optimizer.state_dict(),
+        extra = {}
+        if self.momentum_model is not None:  # identical on every rank: EMA of identical weights, gathered queues
+            extra = {"momentum_model": self.momentum_model.state_dict(),
+                     "queues": {k: q.state_dict() for k, q in self.queues.items()}}
+        return {**extra, "step": self.step, "samples_seen": self.samples_seen,
+                "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "world_size": self.env.world_size, "streams": self.n_streams,
+                "micro_batch": self.micro_batch, "lr_schedule": {"lr": self.tc.lr, "warmup": self.tc.warmup_steps,
+                                                                  "steps": self.tc.steps},
                 "data": [e["data"] for e in every], "rng": [e["rng"] for e in every]}
 
     def save(self) -> None:
@@ -193,12 +230,15 @@ class Trainer:
         if self.env.world_size > 1:
             dist.barrier()
 
-    # -- the loop ----------------------------------------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------------------------
+    stream_seed_offset = 0
+
     def _loader(self):
-        stream = ShardStream(self.shards, batch_size=self.local_batch, rank=self.env.rank,
-                             world_size=self.env.world_size, seed=self.cfg.run.seed,
+        stream = ShardStream(self.shards, batch_size=self.micro_batch, rank=self.env.rank,
+                             world_size=self.env.world_size, seed=self.cfg.run.seed + self.stream_seed_offset,
                              shuffle_buffer=self.tc.shuffle_buffer, image_transform=self.bundle.preprocess_train,
-                             tokenizer=self.bundle.tokenizer, n_streams=self.n_streams, state=self.stream_state)
+                             tokenizer=self.bundle.tokenizer, n_streams=self.n_streams, state=self.stream_state,
+                             resampled=self.tc.data_mode == "resampled")
         return make_loader(stream, self.tc.workers, pin_memory=self.env.device.type == "cuda")
 
     def _autocast(self):
@@ -207,16 +247,102 @@ class Trainer:
         dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
         return torch.autocast(self.env.device.type, dtype=dtype)
 
-    def train_step(self, batch) -> float:
-        images = batch.images.to(self.env.device, non_blocking=True)
-        texts = batch.texts.to(self.env.device, non_blocking=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.tc)
+    def _features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
-            out = self.ddp(image=images, text=texts)
-        loss = contrastive_loss(out["image_features"], out["text_features"], self.model.logit_scale)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+            out = self.forward(image=batch.images.to(self.env.device, non_blocking=True),
+                               text=batch.texts.to(self.env.device, non_blocking=True))
+        return out["image_features"], out["text_features"]
+
+    @property
+    def tiled(self) -> bool:
+        if self.tc.loss_impl == "auto":
+            return self.env.device.type == "cpu" and self.tc.global_batch_size >= 128
+        return self.tc.loss_impl == "tiled"
+
+    def _loss(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        scale = self.model.logit_scale
+        if self.tc.loss == "siglip":
+            fn = tiled_siglip_loss if self.tiled else siglip_loss
+            return fn(image_features, text_features, scale, self.model.logit_bias)
+        fn = tiled_contrastive_loss if self.tiled else contrastive_loss
+        return fn(image_features, text_features, scale)
+
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Leave in ``.grad`` the gradient of the loss over all micro-batches of all ranks, averaged over ranks
+        as DDP does. With one micro-batch this is a plain DDP step."""
+        if self.momentum_model is not None:
+            loss = self._momentum_loss(micro_batches[0])
+            self.scaler.scale(loss).backward()
+            return loss.detach()
+        if len(micro_batches) == 1:
+            loss = self._loss(*self._features(micro_batches[0]))
+            self.scaler.scale(loss).backward()
+            return loss.detach()
+        return self._accumulated_forward_backward(micro_batches)
+
+    def _momentum_loss(self, batch: Batch) -> torch.Tensor:
+        """MoCo queues and/or ALBEF distillation: rows from the model, columns from the momentum encoder (all
+        ranks) and the queues; the momentum features of this batch are enqueued after the step."""
+        image_f, text_f = self._features(batch)
+        with torch.no_grad(), self._autocast():
+            out = self.momentum_model(image=batch.images.to(self.env.device), text=batch.texts.to(self.env.device))
+        image_m, text_m = out["image_features"].float(), out["text_features"].float()
+        loss = itc_distill_loss(image_f, text_f, image_m, text_m, self.model.logit_scale, self.tc.distill_alpha,
+                                queue_image=self.queues["image"].contents() if self.queues else None,
+                                queue_text=self.queues["text"].contents() if self.queues else None)
+        self._pending_keys = (image_m, text_m)
+        return loss
+
+    def _after_update(self) -> None:
+        if self.momentum_model is None:
+            return
+        momentum_update(self.momentum_model, self.model, self.tc.momentum)
+        if self.queues:
+            image_m, text_m = self._pending_keys
+            self.queues["image"].enqueue(all_gather_no_grad(image_m))
+            self.queues["text"].enqueue(all_gather_no_grad(text_m))
+
+    def _accumulated_forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        # Pass 1 embeds every micro-batch without a graph; the loss over the whole accumulated batch then gives
+        # the gradient of each feature; pass 2 re-embeds each micro-batch with a graph and back-propagates its
+        # slice of those feature gradients. Dropout masks repeat (RNG state replayed) and normalisation-layer
+        # running statistics are updated once (restored after pass 1).
+        rng_states, images, texts = [], [], []
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        with torch.no_grad():
+            for batch in micro_batches:
+                rng_states.append(torch.get_rng_state())
+                image_f, text_f = self._features(batch)
+                images.append(image_f)
+                texts.append(text_f)
+        for name, b in self.model.named_buffers():
+            b.copy_(buffers[name])
+        all_images = torch.cat(images).detach().requires_grad_()
+        all_texts = torch.cat(texts).detach().requires_grad_()
+        sync_off = self.ddp.no_sync() if self.ddp is not self.model else contextlib.nullcontext()
+        with sync_off:
+            loss = self._loss(all_images, all_texts)
+            self.scaler.scale(loss).backward()  # also gives the logit scale (and bias) their whole-batch gradient
+            n = self.micro_batch
+            for i, batch in enumerate(micro_batches):
+                torch.set_rng_state(rng_states[i])
+                image_f, text_f = self._features(batch)
+                torch.autograd.backward([image_f, text_f], [all_images.grad[i * n:(i + 1) * n],
+                                                            all_texts.grad[i * n:(i + 1) * n]])
+        self._average_gradients()
+        return loss.detach()
+
+    def _average_gradients(self) -> None:
+        if self.env.world_size == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.env.world_size
+        for g, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(averaged)
+
+    def optimizer_step(self) -> None:
         if self.tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
@@ -224,8 +350,37 @@ class Trainer:
         self.scaler.update()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return loss.detach()
 
+    nonfinite_in_a_row = 0
+
+    def train_step(self, micro_batches: list[Batch]) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.tc)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(micro_batches)
+        if self._finite_everywhere(loss):
+            self.optimizer_step()
+            self._after_update()
+            self.nonfinite_in_a_row = 0
+            return loss
+        # One bad batch must not poison the weights (AdamW would spread NaN to every parameter it touches).
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        log.warning("step %d: loss is %s on some rank; update skipped (%d in a row)", self.step, float(loss),
+                    self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.tc.max_nonfinite_steps:
+            raise RuntimeError(f"the loss was NaN/Inf for {self.nonfinite_in_a_row} steps in a row (up to step "
+                               f"{self.step + 1}): the run has diverged. Resume from an earlier checkpoint with a "
+                               f"lower train.lr, train.grad_clip > 0 or train.precision=bf16 instead of fp16")
+        return loss
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).float().reshape(1).to(self.env.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips the same steps
+        return bool(ok.item())
+
+    # -- the loop ----------------------------------------------------------------------------------------------
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         value = value.float().clone()
         if self.env.world_size > 1:
@@ -243,6 +398,24 @@ class Trainer:
                         if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
                 atomic_write_text(metrics, "".join(k + "\n" for k in kept))
 
+    def _evaluate(self) -> dict:
+        """Zero-shot eval of the current weights on the eval section's datasets, through eval's public API."""
+        from eval.suite import evaluate_dataset
+
+        results = {}
+        if self.env.is_main and self.cfg.eval.datasets:
+            self.model.eval()
+            try:
+                for ds in self.cfg.eval.datasets:
+                    for r in evaluate_dataset(self.bundle, ds, self.env.device, self.cfg.eval.batch_size):
+                        if not r["metric"].startswith("recall["):
+                            results[f"eval/{ds.name}/{r['metric']}"] = r["value"]
+            finally:
+                self.model.train()
+        if self.env.world_size > 1:
+            dist.barrier()
+        return results
+
     def train(self) -> bool:
         """Train to train.steps; False when stopped early by a signal (after writing a checkpoint)."""
         self._prepare_run_folder()
@@ -251,24 +424,27 @@ class Trainer:
             return True
         stop = StopSignal()
         size = dataset_size(self.shards)
-        print0(f"training {self.bundle.arch} for {self.tc.steps} steps, global batch {self.tc.global_batch_size} "
-               f"({self.env.world_size} x {self.local_batch}), {len(self.shards)} shards"
-               + (f", {size} samples" if size else "") + f", on {self.env.device}")
+        print0(f"training {self.bundle.arch} ({self.tc.loss} loss) for {self.tc.steps} steps, global batch "
+               f"{self.tc.global_batch_size} ({self.env.world_size} x {self.tc.accum_steps} x {self.micro_batch}), "
+               f"{len(self.shards)} shards" + (f", {size} samples" if size else "") + f", on {self.env.device}")
         wandb_run = start_wandb(self.cfg.wandb, self.cfg.run.name, self.out, json.loads(json.dumps(
             asdict(self.cfg))), self.env)
         metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
+        progress = Progress(self.tc.steps, self.step, enabled=self.env.is_main)
         window_start, window_samples, skipped = time.perf_counter(), 0, {}
         batches = iter(self._loader())
         self.model.train()
         try:
             while self.step < self.tc.steps:
-                batch = next(batches)
-                loss = self.train_step(batch)
-                self.stream_state.advance(batch)
-                skipped[batch.stream] = batch.skipped
+                micro = [next(batches) for _ in range(self.tc.accum_steps)]
+                loss = self.train_step(micro)
+                for batch in micro:
+                    self.stream_state.advance(batch)
+                    skipped[batch.stream] = batch.skipped
                 self.step += 1
                 self.samples_seen += self.tc.global_batch_size
                 window_samples += self.tc.global_batch_size
+                progress.update(self.step)
                 if self.step % self.tc.log_every == 0 or self.step == self.tc.steps:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": self.step, "samples_seen": self.samples_seen,
@@ -276,12 +452,15 @@ class Trainer:
                               "logit_scale": self.model.logit_scale.detach().exp().item(),
                               "samples_per_s": window_samples / elapsed,
                               "skipped_samples": sum(sum(s.values()) for s in skipped.values())}
+                    if self.tc.eval_every and (self.step % self.tc.eval_every == 0 or self.step == self.tc.steps):
+                        record.update(self._evaluate())
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
                     wandb_run.log(record, step=self.step)
-                    print0(f"step {self.step}/{self.tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                           f"scale {record['logit_scale']:.1f} {record['samples_per_s']:.0f} samples/s")
+                    progress.write(f"step {self.step}/{self.tc.steps} loss {record['loss']:.4f} "
+                                   f"lr {record['lr']:.2e} scale {record['logit_scale']:.1f} "
+                                   f"{record['samples_per_s']:.0f} samples/s")
                     window_start, window_samples = time.perf_counter(), 0
                 due = self.step % self.tc.save_every == 0 or self.step == self.tc.steps
                 if due:
@@ -292,7 +471,34 @@ class Trainer:
                     print0(f"stopped by signal at step {self.step}; checkpoint written, resume continues from it")
                     return False
         finally:
+            progress.close()
             if metrics is not None:
                 metrics.close()
             wandb_run.finish()
         return True
+
+
+class Progress:
+    """A tqdm bar on an interactive terminal (rank 0); plain log lines otherwise, so batch logs stay readable."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

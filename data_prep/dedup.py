@@ -1,0 +1,155 @@
+"""Perceptual hashes and Hamming-distance search, for near-duplicate removal and eval decontamination.
+
+pHash (Zauner 2010, as in the imagehash package): the image in greyscale at 32 x 32, its 2-D DCT-II, the 8 x 8
+lowest frequencies, one bit per coefficient: above their median or not. Re-encoding, resizing and small colour
+changes move few bits; different images differ in about half of them.
+
+:class:`HammingIndex` finds stored hashes within distance d of a query by multi-index hashing: split the 64 bits
+into d + 1 blocks; two hashes within distance d agree exactly on at least one block (pigeonhole), so only the
+hashes sharing a block with the query are compared.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from clipline.errors import UsageError
+from clipline.shards import iter_tar_samples, list_shards
+
+HASH_SIDE = 32
+LOW_FREQ = 8
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT = _dct_matrix(HASH_SIDE)[:LOW_FREQ]  # only the rows of the low frequencies are ever needed
+_BIT_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+def phash_image(img: Image.Image) -> int:
+    """The 64-bit perceptual hash of a PIL image."""
+    grey = img.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(grey, dtype=np.float64)
+    low = _DCT @ pixels @ _DCT.T  # the 8 x 8 lowest frequencies of the 2-D DCT-II
+    bits = (low > np.median(low)).ravel()
+    return int(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
+
+
+def phash_bytes(data: bytes) -> int | None:
+    """pHash of encoded image bytes, or None if they do not decode. JPEGs are decoded at reduced scale."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("L", (HASH_SIDE * 2, HASH_SIDE * 2))  # JPEG: let the decoder downscale by up to 8x
+            return phash_image(img)
+    except Exception:  # noqa: BLE001 - a sample that does not decode has no hash; it is counted, not fatal
+        return None
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+class HammingIndex:
+    """64-bit hashes searchable for any stored hash within ``max_distance``."""
+
+    def __init__(self, max_distance: int):
+        if not 0 <= max_distance <= 16:
+            raise ValueError("max_distance must be in 0..16")
+        self.max_distance = max_distance
+        blocks = max_distance + 1
+        edges = np.linspace(0, 64, blocks + 1).astype(int)
+        self._blocks = [(int(lo), (1 << int(hi - lo)) - 1) for lo, hi in zip(edges[:-1], edges[1:])]
+        self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in self._blocks]
+        self.size = 0
+
+    def _keys(self, h: int) -> Iterator[tuple[dict, int]]:
+        for table, (shift, mask) in zip(self._tables, self._blocks):
+            yield table, (h >> shift) & mask
+
+    def add(self, h: int) -> None:
+        for table, key in self._keys(h):
+            table[key].append(h)
+        self.size += 1
+
+    def nearest_within(self, h: int) -> int | None:
+        """Distance to the closest stored hash if it is within max_distance, else None."""
+        best = None
+        for table, key in self._keys(h):
+            for other in table.get(key, ()):
+                d = (h ^ other).bit_count()
+                if d <= self.max_distance and (best is None or d < best):
+                    best = d
+                    if d == 0:
+                        return 0
+        return best
+
+    def contains_near(self, h: int) -> bool:
+        return self.nearest_within(h) is not None
+
+
+def first_occurrences(hashes: Iterable[int | None], max_distance: int) -> np.ndarray:
+    """True for each hash with no earlier kept hash within max_distance (None: kept, it cannot be compared)."""
+    index = HammingIndex(max_distance)
+    keep = []
+    for h in hashes:
+        if h is None:
+            keep.append(True)
+        elif index.contains_near(h):
+            keep.append(False)
+        else:
+            index.add(h)
+            keep.append(True)
+    return np.array(keep, dtype=bool)
+
+
+def _images_in_folder(folder: Path) -> Iterator[bytes]:
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            yield path.read_bytes()
+
+
+def _images_in_shards(folder: str) -> Iterator[bytes]:
+    from collections import Counter
+
+    skipped: Counter = Counter()
+    for shard in list_shards(folder):
+        for sample in iter_tar_samples(shard, skipped):
+            data = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
+            if data is not None:
+                yield data
+
+
+def eval_hash_index(folders: list[str], max_distance: int) -> tuple[HammingIndex, dict[str, int]]:
+    """An index of every image in the eval datasets (shard folders or image folders), and images per folder."""
+    index = HammingIndex(max_distance)
+    counts = {}
+    for folder in folders:
+        p = Path(folder)
+        if not p.exists():
+            raise UsageError(f"prep.filters.decontaminate: {p} does not exist (give a folder of webdataset shards "
+                             f"or of image files)")
+        images = _images_in_shards(folder) if (p.is_dir() and any(p.glob("*.tar"))) else _images_in_folder(p)
+        n = 0
+        for data in images:
+            h = phash_bytes(data)
+            if h is not None:
+                index.add(h)
+                n += 1
+        if n == 0:
+            raise UsageError(f"prep.filters.decontaminate: no readable images in {p}")
+        counts[str(p)] = n
+    return index, counts

@@ -1,0 +1,227 @@
+"""img2dataset, run with the safeguards it lacks, without forking it.
+
+img2dataset 1.47.0 builds its ``Downloader`` and ``LoggerProcess`` by name inside ``img2dataset.main.download``;
+for the length of one call this module swaps those names for subclasses defined here. The subclasses are
+ordinary importable classes, so they survive the trip to spawned worker processes and Spark executors, where:
+
+- ``GuardedDownloader`` fetches every image with :func:`data_prep.fetch.fetch` (deadline, connect-time address
+  guard, byte cap, Content-Type, robots.txt, no retry of 404s, decompression-bomb check) instead of img2dataset's
+  bare ``urlopen``;
+- both exit when the process that started them dies (after a ``kill -9`` of ``clipline prep`` a worker left
+  running would keep writing shards that the resumed run writes too).
+
+Around the call: a distributor or output format that cannot run is an error before anything starts (img2dataset
+exits 0 having written nothing), a shard that did not finish is an error after (so an incomplete build never
+looks complete), Ctrl-C is an error rather than img2dataset's exit code 0, and ``mode="overwrite"`` is done here
+(img2dataset's own ``incremental_mode="overwrite"`` deletes its scratch folder and then crashes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from clipline.errors import UsageError
+from data_prep.fetch import FetchPolicy, fetch  # sets NO_ALBUMENTATIONS_UPDATE before img2dataset is imported
+
+import img2dataset.downloader as _i2d_downloader  # noqa: E402,I001
+from img2dataset.logger import LoggerProcess  # noqa: E402
+
+# The module, not the function: img2dataset/__init__.py rebinds the name `img2dataset.main` to main().
+_i2d_main = importlib.import_module("img2dataset.main")
+
+DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark", "ray": "ray"}
+"""Distributor -> the module it needs."""
+OUTPUT_FORMATS = {"webdataset": "webdataset", "parquet": None, "files": None, "tfrecord": "tensorflow",
+                  "dummy": None}
+"""img2dataset output format -> the module it needs."""
+
+
+class DownloadIncomplete(UsageError):
+    """img2dataset returned without finishing every shard."""
+
+
+def check_backends(distributor: str, output_format: str) -> None:
+    """Refuse a distributor or output format img2dataset would silently skip (it exits 0 having written nothing)."""
+    for kind, name, table in (("distributor", distributor, DISTRIBUTORS), ("output format", output_format,
+                                                                            OUTPUT_FORMATS)):
+        if name not in table:
+            raise UsageError(f"unknown img2dataset {kind} {name!r}; choose one of {sorted(table)}")
+        module = table[name]
+        if module and importlib.util.find_spec(module) is None:
+            raise UsageError(f"img2dataset {kind} {name!r} needs the {module!r} package, which is not installed "
+                             f"(pip install {module}), or choose another {kind}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Worker-side pieces: they run inside img2dataset's worker processes.
+
+_watching_parent = False
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """Exit this process as soon as the process that started it is gone (it was killed, not stopped)."""
+    global _watching_parent
+    if _watching_parent:
+        return
+    _watching_parent = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _fetch_for_img2dataset(row, timeout, retries, user_agent_token, disallowed_header_directives, *,
+                           policy: FetchPolicy):
+    # The signature of img2dataset.downloader.download_image_with_retry; its own arguments are in `policy`.
+    key, url = row
+    data, error = fetch(url, policy)
+    return key, (io.BytesIO(data) if data is not None else None), error
+
+
+@contextlib.contextmanager
+def _replaced(module, name: str, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class GuardedDownloader(_i2d_downloader.Downloader):
+    """img2dataset's Downloader, fetching with :func:`data_prep.fetch.fetch` under ``policy``."""
+
+    def __init__(self, *, policy: FetchPolicy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+
+    def download_shard(self, row):
+        exit_with_parent()
+        # One shard at a time per worker process, so swapping the module-level fetch for its length is safe.
+        with _replaced(_i2d_downloader, "download_image_with_retry", partial(_fetch_for_img2dataset,
+                                                                             policy=self.policy)):
+            return super().download_shard(row)
+
+
+class GuardedLoggerProcess(LoggerProcess):
+    """img2dataset's progress logger, which otherwise outlives a killed parent forever."""
+
+    def run(self):
+        exit_with_parent()
+        return super().run()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+@dataclass
+class DownloadRequest:
+    url_list: str
+    """The cleaned list, a parquet file with columns url, caption and the extra ones."""
+    output_folder: str
+    rows: int
+    extra_columns: list[str]
+    policy: FetchPolicy
+    image_size: int = 256
+    resize_mode: str = "center_crop"
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    samples_per_shard: int = 10000
+    processes: int = 2
+    threads: int = 32
+    distributor: str = "multiprocessing"
+    spark_master: str = ""
+    output_format: str = "webdataset"
+    max_shard_retry: int = 1
+
+
+def expected_shards(rows: int, samples_per_shard: int) -> list[int]:
+    return list(range(math.ceil(rows / samples_per_shard)))
+
+
+def finished_shards(folder: str | Path) -> set[int]:
+    """Shard ids img2dataset finished: it writes NNNNN_stats.json last."""
+    return {int(p.name.split("_", 1)[0]) for p in Path(folder).glob("[0-9]*_stats.json")}
+
+
+@contextlib.contextmanager
+def spark_session(master: str, processes: int):
+    """The active Spark session, or a local one that works on a machine without a resolvable hostname."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    if SparkSession.getActiveSession() is not None:
+        yield
+        return
+    master = master or f"local[{processes}]"
+    builder = SparkSession.builder.master(master).appName("clipline-prep").config("spark.ui.enabled", "false")
+    if master.startswith("local"):
+        builder = (builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
+                   .config("spark.driver.memory", "2g"))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        yield
+    finally:
+        spark.stop()
+
+
+@contextlib.contextmanager
+def _sigint_restored():
+    # img2dataset installs a SIGINT handler that exits with status 0; put the caller's back afterwards.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_download(req: DownloadRequest) -> set[int]:
+    """Run img2dataset (incremental: finished shards are skipped) and return the finished shard ids."""
+    check_backends(req.distributor, req.output_format)
+    factory = partial(GuardedDownloader, policy=req.policy)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_replaced(_i2d_main, "Downloader", factory))
+        stack.enter_context(_replaced(_i2d_main, "LoggerProcess", GuardedLoggerProcess))
+        stack.enter_context(_sigint_restored())
+        if req.distributor == "pyspark":
+            stack.enter_context(spark_session(req.spark_master, req.processes))
+        try:
+            _i2d_main.download(
+                url_list=req.url_list, input_format="parquet", url_col="url", caption_col="caption",
+                save_additional_columns=req.extra_columns or None, output_folder=req.output_folder,
+                output_format=req.output_format, image_size=req.image_size, resize_mode=req.resize_mode,
+                encode_format=req.encode_format, encode_quality=req.encode_quality,
+                number_sample_per_shard=req.samples_per_shard, processes_count=req.processes,
+                thread_count=req.threads, timeout=int(math.ceil(req.policy.timeout)), retries=0,
+                extract_exif=False, compute_hash="sha256", distributor=req.distributor,
+                incremental_mode="incremental", max_shard_retry=req.max_shard_retry, enable_wandb=False,
+                user_agent_token=req.policy.user_agent_token,
+                disallowed_header_directives=sorted(req.policy.disallowed_header_directives),
+            )
+        except SystemExit as e:  # img2dataset's SIGINT handler
+            raise DownloadIncomplete(f"download interrupted (exit {e.code}); re-run the same command to resume")
+    done = finished_shards(req.output_folder)
+    missing = [i for i in expected_shards(req.rows, req.samples_per_shard) if i not in done]
+    if missing:
+        raise DownloadIncomplete(
+            f"img2dataset returned without finishing {len(missing)} of {len(expected_shards(req.rows, req.samples_per_shard))} "
+            f"shards (ids {missing[:10]}{'...' if len(missing) > 10 else ''}); its messages above say why. "
+            f"Re-run the same command to retry them: finished shards are kept")
+    return done

@@ -1,0 +1,251 @@
+"""Per-sample filters and the funnel that accounts for every sample they remove.
+
+Each filter is a function from a table of samples (one row each) to a boolean Series "removed", keyed by a
+reason. :class:`Funnel` applies them in order, so a sample is counted once, under the first reason that removed
+it, and every stage's count equals the previous count minus what it removed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from clipline.config import PrepConfig, PrepFilterConfig
+from clipline.errors import UsageError
+
+
+@dataclass
+class Stage:
+    name: str
+    count: int
+    """Samples left after this stage."""
+    removed: dict[str, int] = field(default_factory=dict)
+    """reason -> samples this stage removed."""
+
+
+class Funnel:
+    """listed -> ... -> written: counts after every stage and what each stage removed, by reason."""
+
+    def __init__(self, stages: list[dict] | None = None):
+        """``stages``: a funnel as :meth:`to_list` wrote it, to continue it."""
+        self.stages = [Stage(s["stage"], s["count"], dict(s["removed"])) for s in stages or []]
+
+    def start(self, name: str, count: int) -> None:
+        self.stages.append(Stage(name, int(count)))
+
+    def record(self, name: str, removed: dict[str, int]) -> None:
+        """A stage that removed ``removed`` from the current count."""
+        removed = {k: int(v) for k, v in removed.items() if v}
+        self.stages.append(Stage(name, self.count - sum(removed.values()), removed))
+
+    @property
+    def count(self) -> int:
+        return self.stages[-1].count if self.stages else 0
+
+    def apply(self, name: str, keep: pd.Series, checks: list[tuple[str, pd.Series]]) -> pd.Series:
+        """Remove, among rows still kept, those each check flags (first reason wins); return the new keep mask."""
+        removed = {}
+        for reason, flagged in checks:
+            hit = keep & flagged.astype(bool)
+            removed[reason] = int(hit.sum())
+            keep = keep & ~hit
+        self.record(name, removed)
+        return keep
+
+    def to_list(self) -> list[dict]:
+        return [{"stage": s.name, "count": s.count, "removed": s.removed} for s in self.stages]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Captions
+
+
+@lru_cache(maxsize=8)
+def _boilerplate_re(patterns: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+
+
+@lru_cache(maxsize=1)
+def _language_identifier():
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise UsageError("prep.filters.languages needs the language detector py3langid (pip install py3langid); "
+                         "or set prep.filters.languages=[] to keep every language") from None
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def detect_languages(captions: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(ISO 639-1 code, probability) of each caption, from py3langid's model shipped inside the package."""
+    identify = _language_identifier().classify
+    results = [identify(c) for c in captions]
+    return (pd.Series([r[0] for r in results], index=captions.index),
+            pd.Series([float(r[1]) for r in results], index=captions.index))
+
+
+def _words(text: pd.Series) -> pd.Series:
+    return text.str.split().str.len()  # whitespace-separated, as DataComp counts them
+
+
+def caption_checks(f: PrepFilterConfig) -> list[tuple[str, Callable[[pd.Series], pd.Series]]]:
+    """(reason, captions -> flagged) per caption filter, cheapest first; the language detector runs last."""
+    checks = [("caption_too_short", lambda t: t.str.len() < f.min_caption_chars)]
+    if f.max_caption_chars:
+        checks.append(("caption_too_long", lambda t: t.str.len() > f.max_caption_chars))
+    checks.append(("too_few_words", lambda t: _words(t) < f.min_caption_words))
+    if f.max_caption_words:
+        checks.append(("too_many_words", lambda t: _words(t) > f.max_caption_words))
+    if f.drop_boilerplate and f.boilerplate_patterns:
+        pattern = _boilerplate_re(tuple(f.boilerplate_patterns))
+        checks.append(("boilerplate_caption", lambda t: t.map(lambda c: pattern.fullmatch(c) is not None)))
+    if f.languages:
+        def wrong_language(t: pd.Series) -> pd.Series:
+            lang, score = detect_languages(t)
+            return ~lang.isin(set(f.languages)) | (score < f.min_language_score)
+        checks.append(("wrong_language", wrong_language))
+    return checks
+
+
+def caption_keep_mask(captions: pd.Series, f: PrepFilterConfig, funnel: Funnel,
+                      name: str = "caption filters") -> pd.Series:
+    """Which captions pass every caption filter; each check sees only the captions still kept."""
+    text = captions.astype(str).str.strip()
+    keep = pd.Series(True, index=captions.index)
+    removed = {}
+    for reason, check in caption_checks(f):
+        rows = keep.index[keep.values]
+        flagged = check(text.loc[rows]).to_numpy(dtype=bool) if len(rows) else np.zeros(0, bool)
+        removed[reason] = int(flagged.sum())
+        keep.loc[rows[flagged]] = False
+    funnel.record(name, removed)
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image size and shape, from the original dimensions img2dataset records
+
+
+def image_shape_checks(width: pd.Series, height: pd.Series, cfg: PrepConfig) -> list[tuple[str, pd.Series]]:
+    w, h = width.astype(float), height.astype(float)
+    short, long_ = np.minimum(w, h), np.maximum(w, h)
+    checks = []
+    if cfg.min_image_size:
+        checks.append(("image_too_small", short < cfg.min_image_size))
+    if cfg.max_aspect_ratio:
+        checks.append(("aspect_ratio_too_large", long_ / np.maximum(short, 1) > cfg.max_aspect_ratio))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------------------
+# All filters over shards, applied shard by shard in (shard, key) order
+
+
+class SampleFilters:
+    """The filters that run on downloaded (or existing) samples, with their state: hashes seen so far, the eval
+    index, the CLIP scorer. Fed one shard at a time in order, a sample is judged only against earlier ones, so the
+    survivors can be written as they come; only a CLIP top fraction has to see every score first (``deferred``).
+
+    Stages, in order: caption filters (for existing shards; a build applies them to the list), decodable (when
+    perceptual hashes are needed), image size, exact dedup, near dedup, decontamination, CLIP score.
+    """
+
+    def __init__(self, cfg: PrepConfig, caption_filters: bool, stats: dict):
+        from data_prep.dedup import HammingIndex, eval_hash_index
+
+        f = self.f = cfg.filters
+        self.cfg = cfg
+        self.caption_filters = caption_filters
+        self.needs_phash = f.near_dedup_distance >= 0 or bool(f.decontaminate)
+        self.removed: dict[str, Counter] = {}
+        for name, on in (("caption filters", caption_filters), ("decodable", self.needs_phash), ("image size", True),
+                         ("exact dedup", f.exact_dedup), ("near dedup", f.near_dedup_distance >= 0),
+                         ("decontamination", bool(f.decontaminate)), ("CLIP score", bool(f.clip_model))):
+            if on:
+                self.removed[name] = Counter()
+        self._seen: set[str] = set()
+        self._near = HammingIndex(f.near_dedup_distance) if f.near_dedup_distance >= 0 else None
+        self._eval = None
+        if f.decontaminate:
+            self._eval, stats["decontamination"] = eval_hash_index(f.decontaminate, f.decontaminate_distance)
+        self._scorer = None
+        if f.clip_model:
+            from data_prep.clip_score import ClipScorer
+
+            self._scorer = ClipScorer(f.clip_model, f.clip_pretrained, f.clip_device, f.clip_batch_size)
+        self.deferred = f.clip_keep_fraction is not None
+        """A CLIP top fraction: apply_deferred() decides once every shard has been scored."""
+
+    def _drop(self, keep: np.ndarray, stage: str, reason: str, flagged: np.ndarray) -> None:
+        hit = keep & flagged
+        self.removed[stage][reason] += int(hit.sum())
+        keep &= ~hit
+
+    def _first_seen(self, keep: np.ndarray, values: list, seen: Callable, add: Callable) -> np.ndarray:
+        flagged = np.zeros(len(keep), dtype=bool)
+        for i in np.flatnonzero(keep):
+            if values[i] is None:
+                continue
+            if seen(values[i]):
+                flagged[i] = True
+            else:
+                add(values[i])
+        return flagged
+
+    def apply(self, features: pd.DataFrame, images: Callable[[list[int]], list[bytes]]) -> np.ndarray:
+        """Keep mask over one shard's rows (``features``, in key order); ``images(rows)`` gives the image bytes
+        of those rows, for the CLIP score. Adds a ``clip_score`` column when scoring."""
+        keep = np.ones(len(features), dtype=bool)
+        if self.caption_filters:
+            text = features["caption"].astype(str).str.strip()
+            for reason, check in caption_checks(self.f):
+                rows = np.flatnonzero(keep)
+                flagged = np.zeros(len(keep), dtype=bool)
+                if len(rows):
+                    flagged[rows] = check(text.iloc[rows]).to_numpy(dtype=bool)
+                self._drop(keep, "caption filters", reason, flagged)
+        hashes = [None if v is None or v != v else int(v) for v in features["phash"]]
+        if self.needs_phash:
+            self._drop(keep, "decodable", "undecodable_image", np.array([h is None for h in hashes], dtype=bool))
+        for reason, flagged in image_shape_checks(features["width"], features["height"], self.cfg):
+            self._drop(keep, "image size", reason, flagged.to_numpy(dtype=bool))
+        if self.f.exact_dedup:
+            digests = features["sha256"].tolist()
+            self._drop(keep, "exact dedup", "duplicate_image",
+                       self._first_seen(keep, digests, self._seen.__contains__, self._seen.add))
+        if self._near is not None:
+            self._drop(keep, "near dedup", "near_duplicate_image",
+                       self._first_seen(keep, hashes, self._near.contains_near, self._near.add))
+        if self._eval is not None:
+            flagged = np.array([h is not None and self._eval.contains_near(h) for h in hashes], dtype=bool)
+            self._drop(keep, "decontamination", "near_eval_image", flagged)
+        if self._scorer is not None:
+            self._score(features, keep, images)
+        return keep
+
+    def _score(self, features: pd.DataFrame, keep: np.ndarray, images: Callable) -> None:
+        rows = np.flatnonzero(keep)
+        scores = np.full(len(features), np.nan)
+        if len(rows):
+            scores[rows] = self._scorer.scores(images(list(rows)), features["caption"].iloc[rows].tolist())
+        features["clip_score"] = scores
+        if not self.deferred:
+            self._drop(keep, "CLIP score", "low_clip_score", ~(scores >= self.f.clip_min_score))
+
+    def apply_deferred(self, scores: np.ndarray) -> np.ndarray:
+        """The CLIP top fraction (and threshold) over every sample that reached it."""
+        from data_prep.clip_score import keep_by_score
+
+        keep = np.ones(len(scores), dtype=bool)
+        kept = keep_by_score(scores, self.f.clip_min_score, self.f.clip_keep_fraction)
+        self._drop(keep, "CLIP score", "below_clip_top_fraction", ~kept)
+        return keep
+
+    def record(self, funnel: Funnel) -> None:
+        for stage, removed in self.removed.items():
+            funnel.record(stage, dict(removed))

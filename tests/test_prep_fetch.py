@@ -1,0 +1,161 @@
+"""data_prep.fetch against a misbehaving loopback server, in-process: one test per safeguard img2dataset lacks."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from data_prep.fetch import FetchPolicy, RobotsCache, check_image_header, failure_reason, fetch
+
+from conftest import make_samples
+from prep_server import MisbehavingServer, jpeg, png_bomb
+
+IMAGE = make_samples(1, seed=5, image_size=48)[0]["jpg"]
+POLICY = FetchPolicy(timeout=1.0, deadline=3.0, retries=2, max_bytes=100_000, allowed_networks=("127.0.0.1/32",))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with MisbehavingServer({"a.jpg": IMAGE, "big.jpg": jpeg((1200, 1200), quality=100)}, stall_s=2.0,
+                           trickle_s=0.2) as s:
+        yield s
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Fail the test if anything connects anywhere but 127.0.0.1."""
+    real = socket.socket.connect
+
+    def connect(self, address):
+        assert address[0] == "127.0.0.1", f"connection attempted to {address}"
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+def _fetch(server, path, policy=POLICY):
+    return fetch(server.url(path), policy, RobotsCache())
+
+
+def test_a_good_image_and_its_redirect(server):
+    assert _fetch(server, "img/a.jpg") == (IMAGE, None)
+    assert _fetch(server, "redirect/a.jpg") == (IMAGE, None)
+    assert _fetch(server, "noctype/a.jpg") == (IMAGE, None)
+
+
+def test_404_is_not_retried_and_500_is(server):
+    before = dict(server.hits)
+    assert _fetch(server, "404/x1") == (None, "HTTP Error 404: Not Found")
+    assert _fetch(server, "500/x1") == (None, "HTTP Error 500: Internal Server Error")
+    assert server.hits["/404/x1"] - before.get("/404/x1", 0) == 1
+    assert server.hits["/500/x1"] - before.get("/500/x1", 0) == 3
+
+
+def test_a_trickling_server_is_cut_at_the_deadline(server):
+    # timeout=5 s per read never fires at one byte per 0.2 s; the 1.5 s deadline does.
+    start = time.monotonic()
+    data, error = _fetch(server, "trickle/a.jpg", FetchPolicy(timeout=5.0, deadline=1.5, allowed_networks=("127.0.0.1/32",)))
+    assert data is None and error == "deadline exceeded (1.5s)"
+    assert time.monotonic() - start < 2.5
+
+
+def test_a_stalled_server_times_out_and_the_deadline_covers_retries(server):
+    start = time.monotonic()
+    data, error = _fetch(server, "stall/x2", FetchPolicy(timeout=0.5, deadline=1.2, retries=5,
+                                                         allowed_networks=("127.0.0.1/32",)))
+    assert data is None and error in ("deadline exceeded (1.2s)", "timed out")
+    assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("path, error", [
+    ("html/a.jpg", "wrong content type: text/html"),
+    ("corrupt/x", "not a recognised image"),
+    ("bomb/x", "decompression bomb"),
+    ("endless/x", "too large: more than 100000 bytes"),
+    ("img/big.jpg", None),  # checked below against a smaller cap
+    ("optout/a.jpg", "Use of image disallowed by X-Robots-Tag directive"),
+    ("private/a.jpg", "disallowed by robots.txt"),
+])
+def test_refusals(server, path, error):
+    if path == "img/big.jpg":
+        data, error_ = _fetch(server, path, FetchPolicy(max_bytes=1000, allowed_networks=("127.0.0.1/32",)))
+        assert data is None and error_.startswith("too large: Content-Length")
+        return
+    assert _fetch(server, path) == (None, error)
+
+
+def test_another_crawlers_opt_out_does_not_apply(server):
+    assert _fetch(server, "optout-other/a.jpg") == (IMAGE, None)
+
+
+def test_truncated_transfers_are_retried_then_reported(server):
+    data, error = _fetch(server, "truncated/a.jpg", FetchPolicy(retries=1, allowed_networks=("127.0.0.1/32",)))
+    assert data is None and error.startswith("truncated body")
+    assert server.hits["/truncated/a.jpg"] == 2
+
+
+def test_redirects_to_non_public_addresses_are_refused_before_connecting(server, loopback_only):
+    for target in ("169.254.169.254", "10.0.0.1", "127.0.0.2"):
+        data, error = _fetch(server, f"redirect-to/{target}/latest/meta-data")
+        assert data is None and error == f"refused non-public address {target} for host {target}"
+
+
+def test_a_host_resolving_to_a_private_address_at_connect_time_is_refused(server, loopback_only, monkeypatch):
+    # DNS answers may change between the pre-download check and the connection (rebinding): checked again here.
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.8.7", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    data, error = fetch(f"http://rebind.example:{server.port}/img/a.jpg", POLICY, RobotsCache())
+    assert data is None and error == "refused non-public address 10.9.8.7 for host rebind.example"
+
+
+def test_loopback_is_refused_unless_allowed(server):
+    data, error = _fetch(server, "img/a.jpg", FetchPolicy(respect_robots_txt=False))
+    assert data is None and error == "refused non-public address 127.0.0.1 for host 127.0.0.1"
+    assert _fetch(server, "img/a.jpg", FetchPolicy(allow_private_networks=True)) == (IMAGE, None)
+
+
+def test_only_http_schemes_are_opened(tmp_path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(IMAGE)
+    data, error = fetch(secret.as_uri(), FetchPolicy(respect_robots_txt=False), RobotsCache())
+    assert (data, error) == (None, "unsupported url scheme: file")
+
+
+def test_robots_txt_is_read_once_per_host(server):
+    robots = RobotsCache()
+    before = server.hits["/robots.txt"]
+    for _ in range(5):
+        assert fetch(server.url("img/a.jpg"), POLICY, robots)[1] is None
+    assert fetch(server.url("private/a.jpg"), POLICY, robots) == (None, "disallowed by robots.txt")
+    assert server.hits["/robots.txt"] - before == 1
+
+
+def test_an_unreachable_robots_txt_means_stay_out():
+    with MisbehavingServer({"a.jpg": IMAGE}) as s:
+        url = s.url("img/a.jpg")
+    # The server is gone: robots.txt cannot be read, so nothing on that host is fetched.
+    assert fetch(url, POLICY, RobotsCache()) == (None, "disallowed by robots.txt")
+
+
+def test_image_header_check_reads_no_pixels():
+    assert check_image_header(IMAGE, 10_000) is None
+    assert check_image_header(IMAGE, 100) == "decompression bomb: 48x48 pixels > 100"
+    assert check_image_header(png_bomb(), 10**12) in ("decompression bomb", None)
+    assert check_image_header(b"<html>", 10**6) == "not a recognised image"
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("HTTP Error 404: Not Found", "http_404"), ("deadline exceeded (30s)", "deadline_exceeded"),
+    ("refused non-public address 10.0.0.1 for host x", "refused_private_address"),
+    ("Use of image disallowed by X-Robots-Tag directive", "opt_out_x_robots_tag"), ("weird", "other"),
+])
+def test_failure_reasons(message, reason):
+    assert failure_reason(message) == reason
