@@ -24,7 +24,7 @@ def test_two_points_by_hand():
     for _ in range(60):  # bisection on the stationarity condition
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if l2 * mid * (1 + math.exp(2 * mid)) < 1 else (lo, mid)
-    clf = fit_logistic(x, y, 2, l2)
+    clf = fit_logistic(x, y, 2, l2, tol=1e-9)
     assert clf.weight[0, 1].item() == pytest.approx(lo, abs=1e-5)
     assert clf.weight[0, 0].item() == pytest.approx(-lo, abs=1e-5)
     assert clf.bias.abs().max().item() < 1e-5
@@ -43,7 +43,7 @@ def test_fit_equals_scikit_learn():
 
     x, y = _blobs(300, 12, 4, noise=2.0, seed=0)
     l2 = 0.01
-    ours = fit_logistic(x.double(), y, 4, l2, max_iter=500)
+    ours = fit_logistic(x.double(), y, 4, l2, max_iter=500, tol=1e-10)
     # Same objective: sklearn minimises C * sum CE + ||W||^2 / 2, i.e. ours times C * n with C = 1 / (l2 * n).
     xd = x.double().numpy()  # float64 in both: sklearn keeps float32 input in float32
     ref = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=5000).fit(xd, y.numpy())
