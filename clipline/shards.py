@@ -155,8 +155,8 @@ def _members(path: str) -> Iterator[tuple[str, bytes]]:
         yield from iter_tar_members(f)
 
 
-def iter_tar_samples(path: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
-    """Group the files of one tar into samples by key (file name up to the first dot), reading bytes only.
+def iter_keyed_samples(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of one tar, grouping files by key (name up to the first dot).
 
     Nothing is extracted to disk, so member names (absolute, ``..``) can never write outside any folder. A shard
     that is truncated or corrupt yields the samples before the damage, and is counted in ``skipped``.
@@ -169,7 +169,7 @@ def iter_tar_samples(path: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
             if not dot or not key:
                 continue
             if key != current_key and sample:
-                yield sample
+                yield current_key, sample
                 sample = {}
             current_key = key
             sample[ext.lower()] = data
@@ -178,4 +178,10 @@ def iter_tar_samples(path: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
         log.warning("skipping the rest of shard %s: %s", path, e)
         sample = {}  # the sample being read when the damage was found may be missing files
     if sample:
+        yield current_key, sample
+
+
+def iter_tar_samples(path: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
+    """The samples of one tar as {extension: bytes}, in file order (see iter_keyed_samples)."""
+    for _, sample in iter_keyed_samples(path, skipped):
         yield sample

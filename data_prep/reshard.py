@@ -16,14 +16,14 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from clipline.io import fsync_dir
-from clipline.shards import TarFormatError, iter_tar_members
+from clipline.shards import iter_keyed_samples
 from data_prep.dedup import phash_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -37,28 +37,6 @@ def progress(iterable, total: int | None, desc: str, unit: str = "shard"):
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
-
-
-def iter_keyed_samples(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar, in file order; a damaged tail is counted and skipped."""
-    key, sample = None, {}
-    try:
-        with open(path, "rb", buffering=1 << 20) as f:
-            for name, data in iter_tar_members(f):
-                base = name.rsplit("/", 1)[-1]
-                k, dot, ext = base.partition(".")
-                if not dot or not k:
-                    continue
-                if k != key and sample:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample[ext.lower()] = data
-    except (TarFormatError, OSError, ValueError):
-        skipped["unreadable_shard"] += 1
-        sample = {}
-    if sample:
-        yield key, sample
 
 
 def image_of(sample: dict[str, bytes]) -> bytes | None:
