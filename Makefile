@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipline-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean reliability
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The fault-injection, hostile-input and load tests (marker `fault`); writes their table into RELIABILITY.md,
+# keeping the text above its marker line.
+reliability: setup
+	$(BIN)/python -m pytest -q -m fault --reliability-table RELIABILITY.md tests
 
 clean:
 	rm -rf runs/demo

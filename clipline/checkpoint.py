@@ -12,12 +12,14 @@ Layout of one checkpoint (it is also a valid open_clip ``local-dir:`` model fold
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
+from clipline.errors import UsageError
 from clipline.io import fsync_dir
 
 MARKER = "COMPLETE"
@@ -49,10 +51,41 @@ def save_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Pa
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFullError(_disk_full_message(root, step)) from e
         raise
     return final
+
+
+class DiskFullError(UsageError):
+    """A checkpoint could not be written because its filesystem is full; the previous checkpoints are intact."""
+
+
+_LOW_SPACE = 1 << 20
+
+
+def _out_of_space(error: Exception, folder: Path) -> bool:
+    # torch.save reports a full disk only as "[enforce fail at inline_container.cc] unexpected pos ...", so the
+    # free space left at the moment of failure decides when the error carries no errno.
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def _disk_full_message(root: Path, step: int) -> str:
+    usage = shutil.disk_usage(root)
+    latest = latest_checkpoint(root)
+    kept = (f"the previous checkpoint {latest} is intact; once there is room, the same command resumes from it"
+            if latest is not None else "no earlier checkpoint exists, so a rerun starts from step 0")
+    return (f"no space left on the device holding {root} (ENOSPC) while writing the checkpoint of step {step} "
+            f"({usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB once its partial files were "
+            f"removed): free space there or point train.output_dir at a disk with room; {kept}")
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

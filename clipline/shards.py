@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -112,8 +113,17 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
-def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in an uncompressed tar stream, checksums verified.
+def unsafe_member_name(name: str) -> bool:
+    """An absolute name or one with a '..' component: a tar member that could point outside any folder."""
+    return name.startswith(("/", "\\")) or (".." in name and ".." in re.split(r"[/\\]", name))
+
+
+_LINK_KINDS, _SPECIAL_KINDS = (b"1", b"2"), (b"3", b"4", b"6")
+
+
+def iter_tar_members(f, skipped: Counter | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in an uncompressed tar stream, checksums verified. Hard and symbolic
+    links and device or fifo members are never followed; ``skipped`` counts them.
 
     A small reader of our own: the shards are plain ustar/pax tars, and parsing the headers directly is several
     times faster than the tarfile module, which was the largest cost of the input pipeline.
@@ -140,30 +150,41 @@ def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
             if header[257:262] == b"ustar" and header[345:346] != b"\0":
                 name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
             yield long_name or name, data
+        elif skipped is not None and kind in _LINK_KINDS + _SPECIAL_KINDS:
+            skipped["link_member" if kind in _LINK_KINDS else "special_member"] += 1
         long_name = None
 
 
-def _members(path: str) -> Iterator[tuple[str, bytes]]:
+def _members(path: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
     if path.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")):  # compressed shards: the slower general reader
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
                 f = tar.extractfile(member) if member.isfile() else None
                 if f is not None:
                     yield member.name, f.read()
+                elif member.issym() or member.islnk():
+                    skipped["link_member"] += 1
+                elif member.isdev() or member.isfifo():
+                    skipped["special_member"] += 1
         return
     with open(path, "rb", buffering=1 << 20) as f:
-        yield from iter_tar_members(f)
+        yield from iter_tar_members(f, skipped)
 
 
 def iter_keyed_samples(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of one tar, grouping files by key (name up to the first dot).
 
-    Nothing is extracted to disk, so member names (absolute, ``..``) can never write outside any folder. A shard
-    that is truncated or corrupt yields the samples before the damage, and is counted in ``skipped``.
+    Nothing is extracted to disk; members with an absolute or ``..`` name, links and devices are skipped and
+    counted, so no name that points outside a folder reaches a writer. A shard that is truncated or corrupt yields
+    the samples before the damage, and is counted in ``skipped``.
     """
     current_key, sample = None, {}
     try:
-        for member_name, data in _members(path):
+        for member_name, data in _members(path, skipped):
+            if unsafe_member_name(member_name):
+                skipped["unsafe_member_name"] += 1
+                log.warning("skipping tar member %r of %s: an absolute or '..' name", member_name, path)
+                continue
             name = member_name.rsplit("/", 1)[-1]
             key, dot, ext = name.partition(".")
             if not dot or not key:

@@ -21,6 +21,7 @@ import braceexpand
 
 from clipline.config import EvalDatasetConfig
 from clipline.errors import UsageError
+from clipline.shards import unsafe_member_name
 from eval.images import ImageRef, TarMember
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,11 @@ def _tar_samples(shard: str, skipped: Counter) -> list[tuple[ImageRef, dict[str,
         with tarfile.open(shard, "r|*" if compressed else "r:") as tar:
             for member in tar:
                 if not member.isfile():
+                    if member.issym() or member.islnk():
+                        skipped["link_member"] += 1
+                    continue
+                if unsafe_member_name(member.name):  # never used as a path, but a sign of a hostile shard
+                    skipped["unsafe_member_name"] += 1
                     continue
                 base = member.name.rsplit("/", 1)[-1]
                 key, dot, ext = base.partition(".")

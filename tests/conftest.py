@@ -21,6 +21,9 @@ TEST_CONFIG = REPO / "configs" / "test-tiny.yaml"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# The fault table: the `fault` marker, the `fault_row` fixture and --reliability-table (tests/reliability.py).
+pytest_plugins = ["reliability"]
+
 
 def write_shard(path: Path, samples: list[dict]) -> None:
     """A webdataset tar: KEY.jpg + KEY.txt + KEY.json per sample (the layout `clipline prep` writes)."""

@@ -18,7 +18,8 @@ def test_save_is_complete_and_listed(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_a_failed_write_leaves_the_previous_checkpoint_and_no_folder(tmp_path):
+@pytest.mark.fault
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_folder(tmp_path, fault_row):
     good = save_checkpoint(tmp_path, 1, {"a.txt": writer("one")})
 
     def boom(p):
@@ -29,6 +30,10 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_folder(tmp_path):
         save_checkpoint(tmp_path, 2, {"a.txt": boom})
     assert latest_checkpoint(tmp_path) == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+    fault_row(area="training", fault="a checkpoint writer raising OSError half-way (save_checkpoint)",
+              happened=f"the error propagated; latest checkpoint still {latest_checkpoint(tmp_path).name}; folder "
+                       f"holds {sorted(p.name for p in tmp_path.iterdir())}",
+              lost="0: the previous checkpoint is untouched, no partial folder remains")
 
 
 def test_latest_is_by_step_not_file_time_and_ignores_incomplete(tmp_path):

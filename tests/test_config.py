@@ -41,15 +41,21 @@ def test_override_accepts_exponent_floats_and_lists():
     assert cfg.prep.disallowed_header_directives == ["noai"]
 
 
-def test_unknown_key_names_the_valid_keys():
+@pytest.mark.fault
+def test_unknown_key_names_the_valid_keys(fault_row):
     with pytest.raises(ConfigError) as e:
         load_config([], ["train.lrr=1"])
     assert "train.lrr" in str(e.value) and "did you mean 'lr'" in str(e.value) and "warmup_steps" in str(e.value)
+    fault_row(area="config", fault="an unknown key (train.lrr=1)", happened=f"ConfigError: {str(e.value)[:120]}...",
+              lost="nothing: raised while the config loads")
 
 
-def test_unknown_section_names_the_sections():
-    with pytest.raises(ConfigError, match="valid keys: run, demo, prep, model, train, wandb, eval"):
+@pytest.mark.fault
+def test_unknown_section_names_the_sections(fault_row):
+    with pytest.raises(ConfigError, match="valid keys: run, demo, prep, model, train, wandb, eval") as e:
         load_config([], ["trian.lr=1"])
+    fault_row(area="config", fault="an unknown section (trian.lr=1)", happened=f"ConfigError: {e.value}",
+              lost="nothing: raised while the config loads")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -61,9 +67,12 @@ def test_unknown_section_names_the_sections():
     ("train.lr=-1", "train.lr must be >= 0"),
     ("eval.datasets=[{name: x, path: p, label_field: y, classnames: [a, b], templates: [nope]}]", "{c}"),
 ])
-def test_wrong_values_are_errors(override, message):
-    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+@pytest.mark.fault
+def test_wrong_values_are_errors(override, message, fault_row):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")) as e:
         load_config([], [override])
+    fault_row(area="config", fault=f"a wrong type or impossible value ({override[:60]})",
+              happened=f"ConfigError: {str(e.value)[:140]}", lost="nothing: raised while the config loads")
 
 
 def test_references_resolve_and_follow_overrides():
@@ -93,11 +102,15 @@ def test_cli_config_prints_resolved_yaml(capsys):
     (["train", "configs/demo.yaml", "train.bogus=1"], "unknown key 'train.bogus'"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
-def test_cli_errors_are_one_line_and_nonzero(args, message):
+@pytest.mark.fault
+def test_cli_errors_are_one_line_and_nonzero(args, message, fault_row):
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    fault_row(area="config", fault=f"clipline {' '.join(args)}",
+              happened=f"exit {result.returncode}, one line: \"{result.stderr.strip()[:140]}\"",
+              lost="nothing: no command ran")
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (REPO / "configs" / "accelerate").glob("*.yaml")))

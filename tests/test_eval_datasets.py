@@ -330,7 +330,8 @@ def test_format_errors_name_the_fix(tmp_path):
                                      format="imagefolder"))
 
 
-def test_bad_datasets_get_error_records_and_the_suite_goes_on(tmp_path, checkpoint, digit_layouts):
+@pytest.mark.fault
+def test_bad_datasets_get_error_records_and_the_suite_goes_on(tmp_path, checkpoint, digit_layouts, fault_row):
     images, labels = digits(n=8)
     broken = tmp_path / "broken"
     write_csv(broken / "d.csv", images, labels)
@@ -354,3 +355,11 @@ def test_bad_datasets_get_error_records_and_the_suite_goes_on(tmp_path, checkpoi
     assert 0 <= got[("good", "top1")]["value"] <= 1
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| no-classnames | zeroshot_classification | error |" in md
+    no_classes = got[("no-classnames", "error")]["error"]
+    fault_row(area="eval", fault="one suite: an unreadable image, a dataset without class names, a template "
+                                 "without {c}, and a good dataset",
+              happened=f"unreadable-one scored {got[('unreadable-one', 'top1')]['n_samples']} images with "
+                       f"{got[('unreadable-one', 'top1')]['skipped']} skipped; error records for no-classnames "
+                       f"(\"{no_classes[no_classes.index('no class names'):][:80]}...\") and bad-templates; good: "
+                       f"top1 {got[('good', 'top1')]['value']:.3f}",
+              lost="only the unusable datasets' scores; the others finished")

@@ -98,7 +98,8 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, tiny_shards):
+@pytest.mark.fault
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, tiny_shards, fault_row):
     common = ("train.workers=1", "train.log_every=1", "train.save_every=3", "train.keep_last=5")
     straight = _train(tmp_path / "a", tiny_shards, "train.steps=7", *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -109,6 +110,11 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, tiny_shards):
     a, b = _final_weights(tmp_path / "a", 7), _final_weights(tmp_path / "b", 7)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    resumed_at = next(ln for ln in second.stdout.splitlines() if "resumed from" in ln).rsplit(" at ", 1)[1]
+    fault_row(area="training", fault="a run stopped at its step-3 checkpoint, resumed to step 7 (CLI, 1 data worker)",
+              happened=f"the second command resumed at {resumed_at} and exited {second.returncode}",
+              lost=f"0: {sum(torch.equal(a[k], b[k]) for k in a)}/{len(a)} weight tensors bitwise equal and "
+                   f"{len(_losses(tmp_path / 'b'))} per-step losses identical to an uninterrupted run")
 
 
 def test_torchrun_two_cpu_processes(tmp_path, tiny_shards):

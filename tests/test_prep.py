@@ -61,8 +61,13 @@ def test_public_address_check(address, public):
     ("http:///nohost", "malformed_url"),
     ("https://public.example/cat.jpg", None),
 ])
-def test_refusal_without_any_connection(url, reason, fake_dns, no_connections):
-    assert refusal_reason(url) == reason
+@pytest.mark.fault
+def test_refusal_without_any_connection(url, reason, fake_dns, no_connections, fault_row):
+    got = refusal_reason(url)
+    assert got == reason
+    fault_row(area="hostile input", fault=f"URL {url} (host names resolved by a patched DNS)",
+              happened=f"pre-download check: {got or 'allowed'}; no connection was attempted",
+              lost="nothing fetched" if got else "nothing: a public address goes on to the download")
 
 
 def test_hosts_are_resolved_once(monkeypatch, no_connections):
@@ -84,7 +89,8 @@ def _write_list(path: Path, rows: list[dict]) -> str:
     ([{"url": "http://x/a.jpg", "text": "a cat"}], None, "has no column 'caption'"),
     ([], ["url", "caption"], "is empty"),
 ])
-def test_unusable_lists_fail_before_writing(tmp_path, rows, columns, message):
+@pytest.mark.fault
+def test_unusable_lists_fail_before_writing(tmp_path, rows, columns, message, fault_row):
     url_list = tmp_path / "urls.parquet"
     pd.DataFrame(rows, columns=columns).to_parquet(url_list)
     out = tmp_path / "shards"
@@ -94,6 +100,10 @@ def test_unusable_lists_fail_before_writing(tmp_path, rows, columns, message):
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "already here"
+    fault_row(area="data prep", fault=f"a URL list that {message}",
+              happened=f"exit {result.returncode}, one line: "
+                       f"\"{result.stderr.strip().replace(str(tmp_path), '$TMP')}\"",
+              lost=f"nothing: the output folder still holds only {[p.name for p in out.iterdir()]}")
 
 
 def test_missing_list_is_a_clear_error(tmp_path):
@@ -102,11 +112,18 @@ def test_missing_list_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_loopback_list_is_refused_by_default(tmp_path, no_connections):
-    url_list = _write_list(tmp_path / "u.parquet", [{"url": "http://127.0.0.1:9/a.jpg", "caption": "a"}])
-    with pytest.raises(UsageError, match="allow_private_networks"):
+@pytest.mark.fault
+def test_loopback_list_is_refused_by_default(tmp_path, no_connections, fault_row):
+    # A caption that passes the caption filters, so that the address check is what refuses the row.
+    url_list = _write_list(tmp_path / "u.parquet", [{"url": "http://127.0.0.1:9/a.jpg",
+                                                     "caption": "a red circle on a white background"}])
+    with pytest.raises(UsageError, match="allow_private_networks") as refused:
         run_prep(PrepConfig(url_list=url_list, output_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+    fault_row(area="hostile input", fault="a URL list whose only URL is on loopback (default settings)",
+              happened=f"UsageError before any download: "
+                       f"\"{str(refused.value).replace(str(tmp_path), '$TMP')[:150]}...\"",
+              lost="nothing fetched, no output folder created")
 
 
 @pytest.fixture(scope="module")

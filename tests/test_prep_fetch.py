@@ -45,28 +45,41 @@ def test_a_good_image_and_its_redirect(server):
     assert _fetch(server, "noctype/a.jpg") == (IMAGE, None)
 
 
-def test_404_is_not_retried_and_500_is(server):
+@pytest.mark.fault
+def test_404_is_not_retried_and_500_is(server, fault_row):
     before = dict(server.hits)
     assert _fetch(server, "404/x1") == (None, "HTTP Error 404: Not Found")
     assert _fetch(server, "500/x1") == (None, "HTTP Error 500: Internal Server Error")
     assert server.hits["/404/x1"] - before.get("/404/x1", 0) == 1
     assert server.hits["/500/x1"] - before.get("/500/x1", 0) == 3
+    fault_row(area="data prep", fault="HTTP 404 and 500 responses (retries=2)",
+              happened=f"404 requested {server.hits['/404/x1'] - before.get('/404/x1', 0)} time, 500 "
+                       f"{server.hits['/500/x1'] - before.get('/500/x1', 0)} times; both reported with their status",
+              lost="those two images, counted as failures by reason")
 
 
-def test_a_trickling_server_is_cut_at_the_deadline(server):
+@pytest.mark.fault
+def test_a_trickling_server_is_cut_at_the_deadline(server, fault_row):
     # timeout=5 s per read never fires at one byte per 0.2 s; the 1.5 s deadline does.
     start = time.monotonic()
     data, error = _fetch(server, "trickle/a.jpg", FetchPolicy(timeout=5.0, deadline=1.5, allowed_networks=("127.0.0.1/32",)))
     assert data is None and error == "deadline exceeded (1.5s)"
     assert time.monotonic() - start < 2.5
+    fault_row(area="hostile input", fault="a server trickling one byte per 0.2 s (per-read timeout 5 s)",
+              happened=f"cut after {time.monotonic() - start:.1f} s: {error!r}",
+              lost="that image only; the download thread is free again")
 
 
-def test_a_stalled_server_times_out_and_the_deadline_covers_retries(server):
+@pytest.mark.fault
+def test_a_stalled_server_times_out_and_the_deadline_covers_retries(server, fault_row):
     start = time.monotonic()
     data, error = _fetch(server, "stall/x2", FetchPolicy(timeout=0.5, deadline=1.2, retries=5,
                                                          allowed_networks=("127.0.0.1/32",)))
     assert data is None and error in ("deadline exceeded (1.2s)", "timed out")
     assert time.monotonic() - start < 2.0
+    fault_row(area="data prep", fault="a server that never answers (timeout 0.5 s, 5 retries, deadline 1.2 s)",
+              happened=f"given up after {time.monotonic() - start:.1f} s: {error!r}",
+              lost="that image only")
 
 
 @pytest.mark.parametrize("path, error", [
@@ -78,31 +91,49 @@ def test_a_stalled_server_times_out_and_the_deadline_covers_retries(server):
     ("optout/a.jpg", "Use of image disallowed by X-Robots-Tag directive"),
     ("private/a.jpg", "disallowed by robots.txt"),
 ])
-def test_refusals(server, path, error):
+@pytest.mark.fault
+def test_refusals(server, path, error, fault_row):
     if path == "img/big.jpg":
         data, error_ = _fetch(server, path, FetchPolicy(max_bytes=1000, allowed_networks=("127.0.0.1/32",)))
         assert data is None and error_.startswith("too large: Content-Length")
+        fault_row(area="hostile input", fault="a response larger than prep.max_image_bytes (1000 bytes)",
+                  happened=f"refused from its header: {error_!r}", lost="no body read")
         return
-    assert _fetch(server, path) == (None, error)
+    got = _fetch(server, path)
+    assert got == (None, error)
+    fault_row(area="hostile input", fault=f"server route /{path.split('/')[0]}/ ({error.split(':')[0]})",
+              happened=f"refused: {got[1]!r}", lost="no image kept")
 
 
 def test_another_crawlers_opt_out_does_not_apply(server):
     assert _fetch(server, "optout-other/a.jpg") == (IMAGE, None)
 
 
-def test_truncated_transfers_are_retried_then_reported(server):
+@pytest.mark.fault
+def test_truncated_transfers_are_retried_then_reported(server, fault_row):
     data, error = _fetch(server, "truncated/a.jpg", FetchPolicy(retries=1, allowed_networks=("127.0.0.1/32",)))
     assert data is None and error.startswith("truncated body")
     assert server.hits["/truncated/a.jpg"] == 2
+    fault_row(area="data prep", fault="a body cut short of its Content-Length (retries=1)",
+              happened=f"requested {server.hits['/truncated/a.jpg']} times, then reported: {error!r}",
+              lost="that image only, counted as truncated")
 
 
-def test_redirects_to_non_public_addresses_are_refused_before_connecting(server, loopback_only):
+@pytest.mark.fault
+def test_redirects_to_non_public_addresses_are_refused_before_connecting(server, loopback_only, fault_row):
+    refused = []
     for target in ("169.254.169.254", "10.0.0.1", "127.0.0.2"):
         data, error = _fetch(server, f"redirect-to/{target}/latest/meta-data")
         assert data is None and error == f"refused non-public address {target} for host {target}"
+        refused.append(target)
+    fault_row(area="hostile input", fault="302 redirects to cloud-metadata, private and loopback addresses",
+              happened=f"{len(refused)} of 3 refused before connecting ({', '.join(refused)}); every connect() "
+                       f"went to 127.0.0.1 only", lost="nothing fetched from those addresses")
 
 
-def test_a_host_resolving_to_a_private_address_at_connect_time_is_refused(server, loopback_only, monkeypatch):
+@pytest.mark.fault
+def test_a_host_resolving_to_a_private_address_at_connect_time_is_refused(server, loopback_only, monkeypatch,
+                                                                          fault_row):
     # DNS answers may change between the pre-download check and the connection (rebinding): checked again here.
     real = socket.getaddrinfo
 
@@ -114,19 +145,29 @@ def test_a_host_resolving_to_a_private_address_at_connect_time_is_refused(server
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     data, error = fetch(f"http://rebind.example:{server.port}/img/a.jpg", POLICY, RobotsCache())
     assert data is None and error == "refused non-public address 10.9.8.7 for host rebind.example"
+    fault_row(area="hostile input", fault="a DNS name that resolves to a private address at connect time "
+                                          "(rebinding)",
+              happened=f"refused at connect: {error!r}", lost="nothing fetched")
 
 
-def test_loopback_is_refused_unless_allowed(server):
+@pytest.mark.fault
+def test_loopback_is_refused_unless_allowed(server, fault_row):
     data, error = _fetch(server, "img/a.jpg", FetchPolicy(respect_robots_txt=False))
     assert data is None and error == "refused non-public address 127.0.0.1 for host 127.0.0.1"
     assert _fetch(server, "img/a.jpg", FetchPolicy(allow_private_networks=True)) == (IMAGE, None)
+    fault_row(area="hostile input", fault="a loopback URL with default settings",
+              happened=f"refused: {error!r}; fetched only with allow_private_networks=true",
+              lost="nothing fetched by default")
 
 
-def test_only_http_schemes_are_opened(tmp_path):
+@pytest.mark.fault
+def test_only_http_schemes_are_opened(tmp_path, fault_row):
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(IMAGE)
     data, error = fetch(secret.as_uri(), FetchPolicy(respect_robots_txt=False), RobotsCache())
     assert (data, error) == (None, "unsupported url scheme: file")
+    fault_row(area="hostile input", fault="a file:// URL pointing at a local file",
+              happened=f"refused: {error!r}", lost="no local file read")
 
 
 def test_robots_txt_is_read_once_per_host(server):
