@@ -269,17 +269,46 @@ class ModelConfig:
     """Initial learned logit bias; null: none for the clip loss, -10 for siglip (which needs one)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    lora_image: bool = False
+    """LoRA adapters (through peft) on the image tower: its base weights are frozen and only the adapters train.
+    Checkpoints hold the merged weights under plain open_clip names, so they load without peft."""
+    lora_text: bool = False
+    """LoRA adapters on the text tower (as lora_image)."""
+    lora_rank: int = 8
+    """Rank r of each adapter (B A, with A r x in and B out x r)."""
+    lora_alpha: float = 16.0
+    """Adapter scaling numerator: the update is (lora_alpha / lora_rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input; needs every target to be a module (peft cannot apply it to parameter
+    targets such as in_proj_weight)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj", "in_proj_weight"])
+    """Names (or dotted name suffixes) of what gets adapters in each LoRA tower: Linear/Conv modules (the
+    transformers' MLP c_fc and c_proj; conv1/conv2/conv3 in a ResNet tower) or parameters (in_proj_weight: the
+    query/key/value projection of nn.MultiheadAttention). Layers whose forward never runs are skipped with a
+    warning (nn.MultiheadAttention's out_proj and the ResNet attention pool's q/k/v/c_proj are read as weights),
+    and a tower left with no adapter is an error."""
 
     def validate(self) -> None:
         _check(bool(self.name), "model.name must name an open_clip architecture or a model JSON file")
         _check(self.lock_image_unlocked_groups >= 0 and self.lock_text_unlocked_layers >= 0,
                "model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0")
+        for tower in ("image", "text"):
+            _check(not (getattr(self, f"lora_{tower}") and getattr(self, f"lock_{tower}")),
+                   f"model.lora_{tower} and model.lock_{tower} are both set: LoRA already freezes the {tower} "
+                   f"tower's base weights; set one of them")
+        _check(self.lora_rank > 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+               "model.lora_rank and model.lora_alpha must be > 0 and model.lora_dropout in [0, 1)")
+        if self.lora_image or self.lora_text:
+            _check(bool(self.lora_targets), "model.lora_targets is empty: name the layers to adapt, e.g. "
+                                            "[c_fc, c_proj, in_proj_weight]")
 
 
 @dataclass
 class TrainConfig:
     data: str = "${run.output_dir}/shards/train"
-    """Training shards: a folder with sizes.json, or a brace pattern such as 'dir/{00000..00009}.tar'."""
+    """Training shards: a folder with sizes.json, or a brace pattern such as 'dir/{00000..00009}.tar'.
+    'synthetic': one random batch made on the device and fed again every step, for measuring the model's speed
+    without the input pipeline (no data cost at all)."""
     output_dir: str = "${run.output_dir}/train"
     """Run folder: resolved config, metrics.jsonl and checkpoints/ go here."""
     global_batch_size: int = 256
@@ -309,6 +338,16 @@ class TrainConfig:
     distill_alpha: float = 0.0
     """ALBEF momentum distillation: weight of the momentum model's soft targets against the one-hot targets;
     0 disables. Turns on the momentum encoder."""
+    simclr_weight: float = 0.0
+    """SLIP: weight of SimCLR's NT-Xent loss between two augmented views of each image, added to the image-text
+    loss; 0 disables. Needs image_pipeline=fast (the views come from its decoder)."""
+    simclr_temperature: float = 0.1
+    """Temperature tau of the NT-Xent loss (SLIP's 0.1)."""
+    simclr_hidden_dim: int = 0
+    """Hidden width of the SimCLR projection head; 0: 8 x the model's embed_dim (SLIP's 4096 for ViT-B/16,
+    whose embed_dim is 512)."""
+    simclr_out_dim: int = 0
+    """Output width of the SimCLR projection head; 0: embed_dim / 2 (SLIP's 256 for ViT-B/16)."""
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN/Inf is skipped (no update); this many in a row stop the run with an error."""
     lr: float = 5e-4
@@ -324,8 +363,15 @@ class TrainConfig:
     """Clip the gradient norm to this value; 0 disables clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the forward pass (weights stay fp32)."""
-    workers: int = 1
-    """DataLoader worker processes per rank."""
+    workers: int = -1
+    """DataLoader worker processes per rank; -1 picks: on a GPU this rank's share of the cores minus one (at most
+    16), on the CPU one (the model needs the cores)."""
+    image_pipeline: Literal["fast", "open_clip"] = "fast"
+    """'fast': decode + random resized crop in one PIL pass (large JPEGs decoded at reduced scale), uint8 batches,
+    normalised on the device. 'open_clip': the model's own PIL train transform (float batches), e.g. for the
+    colour-jitter/grey-scale/timm options of an open_clip aug_cfg."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    """Fast pipeline: the random resized crop's area fraction range (open_clip's default)."""
     shuffle_buffer: int = 2000
     """Samples held in each worker's shuffle buffer."""
     save_every: int = 500
@@ -339,13 +385,17 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     threads: int = 0
-    """torch intra-op threads per rank; 0 keeps torch's default."""
+    """torch intra-op threads per rank; 0 picks: on the CPU the cores left free by the workers, elsewhere torch's
+    default."""
 
     def validate(self) -> None:
         for key in ("global_batch_size", "steps", "save_every", "keep_last", "log_every", "accum_steps",
                     "max_nonfinite_steps"):
             _check(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "workers", "threads", "shuffle_buffer",
+        _check(self.workers >= -1, f"train.workers must be -1 (pick) or >= 0, got {self.workers}")
+        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+               f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "threads", "shuffle_buffer",
                     "eval_every"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
@@ -355,6 +405,11 @@ class TrainConfig:
             _check(self.loss == "clip" and self.accum_steps == 1,
                    "train.queue_size / train.distill_alpha work with train.loss=clip and train.accum_steps=1 "
                    "(the queue already decouples the negatives from the batch)")
+        _check(self.simclr_weight >= 0 and self.simclr_temperature > 0 and self.simclr_hidden_dim >= 0
+               and self.simclr_out_dim >= 0, "train.simclr_weight, simclr_hidden_dim and simclr_out_dim must be "
+                                             ">= 0 and train.simclr_temperature > 0")
+        _check(not self.simclr_weight or self.image_pipeline == "fast",
+               "train.simclr_weight > 0 needs train.image_pipeline=fast: SimCLR's views are drawn by its decoder")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _check(bool(self.resume), "train.resume must be 'auto', 'never' or a checkpoint path")
 

@@ -16,6 +16,8 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
+    """Processes of this job on this machine: they share its cores."""
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +63,26 @@ def init_distributed(requested_device: str = "auto", timeout_s: int = 600) -> Di
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   local_world_size=_local_world_size(world_size))
+
+
+def _local_world_size(world_size: int) -> int:
+    if world_size == 1:
+        return 1
+    if os.environ.get("LOCAL_WORLD_SIZE"):  # torchrun, accelerate
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
+    digits = per_node.split("(")[0].split(",")[0]  # "4(x2)" -> 4
+    return int(digits) if digits.isdigit() else 1
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask under Slurm or taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cleanup_distributed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Any, Callable
 import torch
 
 from clipline.config import ModelConfig
+from clipline.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +98,7 @@ def create_model(cfg: ModelConfig, device: torch.device | str = "cpu", objective
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    apply_lora(model, cfg)
     tokenizer = open_clip.get_tokenizer(arch)
     # The saved config must rebuild this exact model (a logit bias adds a parameter).
     model_cfg = {**_model_cfg(arch), **init}
@@ -114,9 +119,10 @@ def open_clip_folder_config(bundle: ModelBundle) -> dict[str, Any]:
 
 
 def save_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """The weights under plain open_clip names (LoRA adapters merged), so open_clip loads the file as it is."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in merged_state_dict(model).items()}
     save_file(state, str(path))
 
 
@@ -134,3 +140,144 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: torch.device | str
     tokenizer = open_clip.get_tokenizer(arch)
     model_cfg = json.loads(cfg_path.read_text())["model_cfg"]
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, arch, model_cfg)
+
+
+# --- LoRA through peft --------------------------------------------------------------------------------------------
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Inject peft LoRA adapters into the towers ``cfg`` names (model.lora_image / lora_text): every weight of such
+    a tower is frozen, and only the adapters it gains train."""
+    towers = [tower for tower in ("image", "text") if getattr(cfg, f"lora_{tower}")]
+    if not towers:
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for tower in towers:
+        for p in _tower_parameters(model, tower):
+            p.requires_grad_(False)
+        modules, parameters = _lora_targets(model, tower, cfg.lora_targets)
+        if cfg.lora_dropout and parameters:
+            raise UsageError(f"model.lora_dropout={cfg.lora_dropout} cannot apply to parameter targets such as "
+                             f"{parameters[0]} (peft cannot factor the input out of a weight's update): set "
+                             f"model.lora_dropout=0 or drop them from model.lora_targets")
+        config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=modules or None, target_parameters=parameters or None)
+        try:
+            inject_adapter_in_model(config, _tower_root(model, tower))
+        except ValueError as e:  # e.g. a target that is a LayerNorm
+            raise UsageError(f"model.lora_targets on the {tower} tower: {e}") from None
+
+
+def _tower_root(model: torch.nn.Module, tower: str) -> torch.nn.Module:
+    """The module holding a tower's layers: ``visual``; for text ``text`` in open_clip's CustomTextCLIP and
+    ``transformer`` in CLIP."""
+    if tower == "image":
+        return model.visual
+    return model.text if hasattr(model, "text") else model.transformer
+
+
+def _tower_parameters(model: torch.nn.Module, tower: str) -> list[torch.nn.Parameter]:
+    """The image tower is ``visual``; the text tower is everything else but the logit scale and bias (CLIP keeps
+    its token embedding, final norm and projection at the top level)."""
+    if tower == "image":
+        return list(model.visual.parameters())
+    exclude = {id(p) for p in model.visual.parameters()}
+    exclude |= {id(getattr(model, name)) for name in ("logit_scale", "logit_bias") if getattr(model, name, None)
+                is not None}
+    return [p for p in model.parameters() if id(p) not in exclude]
+
+
+def _lora_targets(model: torch.nn.Module, tower: str, patterns: list[str]) -> tuple[list[str], list[str]]:
+    """The tower's modules and parameters that ``patterns`` name (exact names or dotted suffixes), as peft's
+    module and parameter targets, keeping only adapters that can train exactly.
+
+    Two kinds look adaptable but are not. A layer whose forward never runs: nn.MultiheadAttention reads its
+    out_proj's weight directly, as open_clip's ResNet attention pool does with q/k/v/c_proj, so an adapter there
+    is never called (found by running the tower once on a dummy input; skipped with a warning). And a whole
+    nn.MultiheadAttention: peft merges its adapter into the frozen weights before every forward and subtracts it
+    after, which moves them by rounding error each step (refused; in_proj_weight adapts its q/k/v exactly).
+    """
+    root = _tower_root(model, tower)
+    modules = dict(root.named_modules())
+    matches = lambda name: any(name == p or name.endswith("." + p) for p in patterns)
+    module_hits = [name for name in modules if name and matches(name)]
+    parameter_hits = [name for name, _ in root.named_parameters() if matches(name) and name not in module_hits]
+    for name in module_hits:
+        if isinstance(modules[name], torch.nn.MultiheadAttention):
+            raise UsageError(f"model.lora_targets names {name}, an nn.MultiheadAttention: peft's adapter for it "
+                             f"changes the frozen weights on every step; use in_proj_weight for its query/key/value "
+                             f"projections")
+    owner = lambda name: name if name in module_hits else name.rpartition(".")[0]
+    called = _modules_called(model, tower, {owner(n) for n in module_hits + parameter_hits})
+    skipped = [n for n in module_hits + parameter_hits if owner(n) not in called]
+    if skipped:
+        log.warning("model.lora_targets: no adapter on %s of the %s tower: the forward pass reads their weights "
+                    "directly and never calls them, so an adapter there would never train", skipped, tower)
+    module_targets = [n for n in module_hits if n in called]
+    parameter_targets = [n for n in parameter_hits if owner(n) in called]
+    if not module_targets and not parameter_targets:
+        layers = {n for n, m in modules.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        usable = sorted(_modules_called(model, tower, layers))[:8]
+        raise UsageError(f"model.lora_{tower}: model.lora_targets {patterns} gives the {tower} tower no adapter that "
+                         f"trains" + (f" ({skipped} are never called by its forward)" if skipped else "")
+                         + f"; layers that would work include {usable}")
+    return module_targets, parameter_targets
+
+
+def _modules_called(model: torch.nn.Module, tower: str, names: set[str]) -> set[str]:
+    """Which of the tower's named modules run in a forward pass of the tower on a dummy input."""
+    modules = dict(_tower_root(model, tower).named_modules())
+    called: set[str] = set()
+    hooks = [modules[n].register_forward_pre_hook(lambda m, args, n=n: called.add(n)) for n in names]
+    training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            if tower == "image":
+                size = model.visual.preprocess_cfg.get("size", 224)
+                height, width = size[-2:] if isinstance(size, (list, tuple)) else (size, size)
+                model.encode_image(torch.zeros(1, 3, height, width, device=device))
+            else:
+                model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    return called
+
+
+def has_lora(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state under plain open_clip names: every LoRA adapter merged into the weight it adapts
+    (W + (alpha / r) B A), the adapters dropped. Without adapters, the state dict as it is."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if not any("lora_" in k for k in state):
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"{name}.base_layer.{getattr(module, 'parameter_name', 'weight')}"
+            for adapter in module.lora_A:
+                state[key] = state[key] + module.get_delta_weight(adapter).detach().to(state[key].dtype)
+    return {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a resume needs beyond the merged weights: the adapters and the unmerged weights they adapt (base +
+    delta - delta would not give the base back bit for bit)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k or ".base_layer." in k}
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                       lora_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load saved weights back: a plain state dict, or for a LoRA model the merged weights with the entries
+    ``lora_state`` covers taken from it (strict: every key must be accounted for)."""
+    if lora_state:
+        covered = {k.replace(".base_layer", "") for k in lora_state}
+        weights = {**{k: v for k, v in weights.items() if k not in covered}, **lora_state}
+    model.load_state_dict(weights)

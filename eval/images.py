@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
+
+from clipline.dist import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ def collate_images(batch):
     if not ok:
         return torch.empty(0, dtype=torch.long), None, bad
     return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok]), bad
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def resolve_workers(workers: int, n_images: int, batch_size: int, device_type: str = "cpu") -> int:

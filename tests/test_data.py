@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from clipline.shards import iter_tar_members, iter_tar_samples, list_shards
+from training.augment import pil_decoder
 from training.data import ShardStream, StreamState, make_loader
 
 from conftest import make_samples, write_shard
@@ -29,7 +30,7 @@ def random_crop(image):
 
 def stream(shards, state=None, n_streams=1, rank=0, world_size=1, batch=8):
     return ShardStream(shards, batch_size=batch, rank=rank, world_size=world_size, seed=3, shuffle_buffer=20,
-                       image_transform=random_crop, tokenizer=identity_tokens, n_streams=n_streams, state=state)
+                       decode=pil_decoder(random_crop), tokenizer=identity_tokens, n_streams=n_streams, state=state)
 
 
 def take(loader, n):
@@ -91,7 +92,8 @@ def test_ranks_read_disjoint_shards_each_epoch(tiny_shards):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(shards)
 
 
-def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
+@pytest.mark.fault
+def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path, fault_row):
     good = make_samples(20, seed=5)
     write_shard(tmp_path / "00000.tar", good[:10] + [dict(good[0], key="bad000001", jpg=b"not a jpeg")])
     # non-UTF-8 caption and a sample with no image
@@ -109,6 +111,9 @@ def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
     assert skipped["undecodable_image"] >= 1 and skipped["non_utf8_caption"] >= 1
     assert skipped["missing_image"] >= 1 and skipped["unreadable_shard"] >= 1
     assert all(b.images.shape[0] == 4 for b in batches)
+    fault_row(area="data", fault="truncated shard, undecodable image, non-UTF-8 caption, sample without an image",
+              happened=f"skipped and counted by reason {dict(skipped)}; the stream went on",
+              lost=f"only the bad samples: {len(batches)} full batches of {batches[0].images.shape[0]} from the rest")
 
 
 def test_stream_state_must_match_streams(tiny_shards):
@@ -119,7 +124,7 @@ def test_stream_state_must_match_streams(tiny_shards):
 def test_resampled_mode_draws_with_replacement_deterministically(tiny_shards):
     shards = list_shards(str(tiny_shards))
     s = ShardStream(shards, batch_size=8, rank=0, world_size=1, seed=3, shuffle_buffer=20,
-                    image_transform=random_crop, tokenizer=identity_tokens, n_streams=1, resampled=True)
+                    decode=pil_decoder(random_crop), tokenizer=identity_tokens, n_streams=1, resampled=True)
     epochs = [s._epoch_shards(e, 0) for e in range(12)]
     assert epochs == [s._epoch_shards(e, 0) for e in range(12)]  # deterministic
     assert all(len(e) == len(shards) for e in epochs)
@@ -138,3 +143,29 @@ def test_list_shards_accepts_folders_patterns_and_folder_patterns(tmp_path):
     assert list_shards(str(tmp_path / "part-0/{00000..00001}.tar"))[1].endswith("part-0/00001.tar")
     with pytest.raises(FileNotFoundError, match="do not exist"):
         list_shards(str(tmp_path / "part-{0..2}"))
+
+
+def test_a_stream_where_nothing_decodes_is_an_error_not_a_hang(tiny_shards, monkeypatch):
+    import training.data
+
+    def broken(data, rng):
+        raise OSError("cannot identify image file")
+
+    monkeypatch.setattr(training.data, "MAX_UNUSABLE_IN_A_ROW", 50)
+    s = ShardStream(list_shards(str(tiny_shards)), batch_size=8, rank=0, world_size=1, seed=3, shuffle_buffer=20,
+                    decode=broken, tokenizer=identity_tokens, n_streams=1)
+    with pytest.raises(RuntimeError, match=r"50 samples in a row could not be used \(undecodable_image=50.*"
+                                           r"cannot identify image file"):
+        take(make_loader(s, workers=0), 1)
+
+
+def test_a_stream_whose_shards_all_vanish_is_an_error_not_a_hang(tmp_path):
+    from conftest import make_shard_folder
+
+    folder = make_shard_folder(tmp_path / "gone", n_shards=2, per_shard=4, seed=5)
+    shards = list_shards(str(folder))
+    for shard in shards:
+        (folder / shard.rsplit("/", 1)[-1]).unlink()
+    s = stream(shards)
+    with pytest.raises(RuntimeError, match=r"read no sample in 3 passes.*unreadable_shard=6"):
+        take(make_loader(s, workers=0), 1)

@@ -60,6 +60,24 @@ def test_momentum_update_is_an_ema():
     assert not encoder.weight.requires_grad
 
 
+def test_momentum_update_pairs_parameters_by_name_and_skips_frozen_ones():
+    # peft's parameter adapters re-register a parameter on every forward, so the model may list its parameters
+    # in another order than its momentum copy does.
+    model = torch.nn.Module()
+    model.a, model.b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    encoder = make_momentum_encoder(model)
+    a = model.a
+    del model.a
+    model.a = a  # now listed after b
+    assert [n for n, _ in model.named_parameters()] == ["b", "a"]
+    model.b.requires_grad_(False)
+    with torch.no_grad():
+        model.a.fill_(3.0)
+        model.b.fill_(5.0)  # changed by hand only to show that the EMA leaves frozen parameters alone
+    momentum_update(encoder, model, 0.5)
+    assert encoder.a.tolist() == [2.0, 2.0] and encoder.b.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_distill_with_alpha_zero_and_no_queue_is_clip_against_momentum_features():
     g = torch.Generator().manual_seed(1)
     img = F.normalize(torch.randn(5, 8, generator=g), dim=-1)

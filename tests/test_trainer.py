@@ -140,7 +140,8 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float 
     raise AssertionError(f"step {step} never logged")
 
 
-def test_sigkill_between_checkpoints_then_resume_is_bitwise_exact(tmp_path, tiny_shards):
+@pytest.mark.fault
+def test_sigkill_between_checkpoints_then_resume_is_bitwise_exact(tmp_path, tiny_shards, fault_row):
     straight = run_cli(*_train_args(tmp_path / "a", tiny_shards))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -156,9 +157,17 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise_exact(tmp_path, tiny
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda out: [(m["step"], m["loss"]) for m in _metric_lines(out)]
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "b")) == 10
+    fault_row(area="training", fault="SIGKILL between checkpoints (mid-step)",
+              happened=f"process group killed (exit {proc.returncode}) once step 5 was logged, checkpoint step 4 on "
+                       f"disk; resumed at " + next(ln for ln in resumed.stdout.splitlines()
+                                                   if "resumed from" in ln).rsplit(" at ", 1)[1],
+              lost=f"only the steps after the checkpoint, redone: {sum(torch.equal(a[k], b[k]) for k in a)}/{len(a)} "
+                   f"weight tensors bitwise equal and {len(losses(tmp_path / 'b'))} per-step losses identical to an "
+                   f"uninterrupted run")
 
 
-def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, tiny_shards):
+@pytest.mark.fault
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, tiny_shards, fault_row):
     proc = _popen(_train_args(tmp_path, tiny_shards, "train.save_every=100", "train.steps=400"))
     _wait_for_step(proc, tmp_path, 2)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -168,6 +177,11 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, tiny_shards):
     assert len(stopped) == 1 and "stopped by signal" in output
     step = int(stopped[0].name.split("_")[1])
     assert 2 <= step < 400
+    fault_row(area="training", fault="SIGTERM mid-run (preemption)",
+              happened=f"finished the step, wrote a checkpoint at step {step} and exited {proc.returncode} "
+                       f"(EX_TEMPFAIL, for a requeue)",
+              lost=f"0 steps: the last logged step is {max(m['step'] for m in _metric_lines(tmp_path))}, the "
+                   f"checkpoint's is {step}")
 
 
 def test_two_nodes_via_torchrun_on_loopback(tmp_path, tiny_shards):
@@ -258,7 +272,8 @@ def test_grad_clipping_and_checkpointing_options(tmp_path, tiny_shards, vit_json
     assert float(total) <= 1e-3 * (1 + 1e-4)  # clipped before the step
 
 
-def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, tiny_shards, vit_json):
+@pytest.mark.fault
+def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, tiny_shards, vit_json, fault_row):
     trainer = make_trainer(tmp_path, tiny_shards, vit_json, "train.max_nonfinite_steps=2")
     bad = batches_for(trainer, make_samples(8, seed=6), 8)[0]
     bad.images[0, 0, 0, 0] = float("nan")
@@ -269,11 +284,16 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, tiny_shards, vit_js
     trainer.train_step([good])  # a good step resets the count and updates
     assert not torch.equal(before["text_projection"], trainer.model.text_projection)
     trainer.train_step([bad])
-    with pytest.raises(RuntimeError, match="NaN/Inf for 2 steps in a row"):
+    with pytest.raises(RuntimeError, match="NaN/Inf for 2 steps in a row") as aborted:
         trainer.train_step([bad])
+    fault_row(area="training", fault="NaN/Inf loss (train.max_nonfinite_steps=2)",
+              happened=f"a NaN batch: update skipped, a good batch: updated and count reset, 2 NaN batches in a row: "
+                       f"RuntimeError \"{str(aborted.value)[:90]}...\"",
+              lost="0 parameters changed by the skipped steps")
 
 
-def test_resume_on_another_world_size(tmp_path, tiny_shards):
+@pytest.mark.fault
+def test_resume_on_another_world_size(tmp_path, tiny_shards, fault_row):
     first = run_cli(*_train_args(tmp_path, tiny_shards, "train.steps=2", "train.save_every=2", "train.workers=0"))
     assert first.returncode == 0, first.stderr[-3000:]
     port = str(free_port())
@@ -284,6 +304,10 @@ def test_resume_on_another_world_size(tmp_path, tiny_shards):
     assert "resumed from" in second.stdout and "the data order restarts" in second.stderr
     state = torch.load(tmp_path / "train/checkpoints/step_00000004/train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 4 and state["samples_seen"] == 4 * 32
+    fault_row(area="training", fault="resume of a checkpoint on another world size (1 -> 2 ranks)",
+              happened=f"step 2 of a 1-process run resumed under torchrun with {state['world_size']} ranks to step "
+                       f"{state['step']}, samples_seen {state['samples_seen']}; the data order restarts (warned)",
+              lost="0 steps; weights, optimizer and schedule restored")
 
 
 def _pid_of_rank(parent: int, rank: int) -> int | None:
@@ -301,7 +325,8 @@ def _pid_of_rank(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_a_dying_rank_stops_the_others_quickly(tmp_path, tiny_shards):
+@pytest.mark.fault
+def test_a_dying_rank_stops_the_others_quickly(tmp_path, tiny_shards, fault_row):
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "clipline", *_train_args(tmp_path, tiny_shards, "train.steps=2000",
                                                             "train.save_every=1000", "train.workers=0")],
@@ -316,6 +341,10 @@ def test_a_dying_rank_stops_the_others_quickly(tmp_path, tiny_shards):
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0 and time.time() - start < 60
         assert "Signal 9" in output or "SIGKILL" in output or "exitcode" in output
+        fault_row(area="training", fault="one of 2 ranks SIGKILLed under torchrun",
+                  happened=f"torchrun stopped the other rank and exited with code {proc.returncode} "
+                           f"{time.time() - start:.1f} s after the kill (bound 60 s), reporting the dead rank's exit",
+                  lost="the steps since the last checkpoint (this run saved none before the kill); no hang")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

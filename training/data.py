@@ -15,7 +15,6 @@ empty caption) are skipped and counted, never fatal.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import signal
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipline.shards import iter_tar_samples
@@ -32,6 +30,8 @@ from clipline.shards import iter_tar_samples
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_UNUSABLE_IN_A_ROW = 1000
+"""Skipping bad samples is routine; this many in a row is a broken dataset or decoder, and an error."""
 
 
 @dataclass
@@ -59,17 +59,21 @@ class StreamState:
 
 
 class ShardStream(IterableDataset):
-    """Endless, deterministic batches of (image tensor, token ids) for one rank."""
+    """Endless, deterministic batches of (image tensor, token ids) for one rank. ``decode(image_bytes, rng)``
+    turns one encoded image into a tensor, drawing its augmentation from ``rng`` (seeded per sample):
+    :func:`training.augment.decode_random_crop` (uint8 pixels) or :func:`training.augment.pil_decoder`."""
 
     def __init__(self, shards: list[str], *, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int, image_transform: Callable, tokenizer: Callable, n_streams: int,
-                 state: StreamState | None = None, resampled: bool = False):
+                 shuffle_buffer: int, decode: Callable[[bytes, random.Random], torch.Tensor],
+                 tokenizer: Callable, n_streams: int,
+                 state: StreamState | None = None, resampled: bool = False,
+                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.batch_size = list(shards), batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.n_streams, self.resampled = shuffle_buffer, n_streams, resampled
-        self.image_transform, self.tokenizer = image_transform, tokenizer
+        self.decode, self.tokenizer, self.batch_transform = decode, tokenizer, batch_transform
         self.state = state or StreamState(positions=[0] * n_streams)
         if len(self.state.positions) != n_streams:
             raise ValueError(f"stream state has {len(self.state.positions)} streams, expected {n_streams}")
@@ -85,12 +89,14 @@ class ShardStream(IterableDataset):
         return order[global_stream::total] or [order[global_stream % len(order)]]
 
     def _raw_samples(self, global_stream: int, skipped: Counter) -> Iterator[dict[str, bytes]]:
-        epoch = 0
+        epoch, empty_epochs = 0, 0
         while True:
             rng = random.Random(f"{self.seed}-buffer-{epoch}-{global_stream}")
             buffer: list[dict[str, bytes]] = []
-            for shard in self._epoch_shards(epoch, global_stream):
+            shards, read = self._epoch_shards(epoch, global_stream), 0
+            for shard in shards:
                 for sample in iter_tar_samples(shard, skipped):
+                    read += 1
                     buffer.append(sample)
                     if len(buffer) >= max(1, self.shuffle_buffer):
                         i = rng.randrange(len(buffer))
@@ -98,19 +104,13 @@ class ShardStream(IterableDataset):
                         yield buffer.pop()
             rng.shuffle(buffer)
             yield from buffer
+            empty_epochs = 0 if read else empty_epochs + 1
+            if empty_epochs >= 3:  # would otherwise spin forever without a batch
+                counts = ", ".join(f"{k}={v}" for k, v in skipped.most_common()) or "none"
+                raise RuntimeError(f"data stream {global_stream} read no sample in 3 passes over its shards "
+                                   f"({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}; skipped: "
+                                   f"{counts}): the shards are missing, empty or unreadable")
             epoch += 1
-
-    def _transform(self, image: Image.Image, global_stream: int, position: int) -> torch.Tensor:
-        # Augmentation randomness is a function of the sample's place in the stream, not of how many samples
-        # this process happened to transform: samples skipped on resume must not shift it.
-        # (torch.manual_seed would also queue CUDA seeding, ~1 ms a call; the CPU generator alone is enough.)
-        generator = torch.random.default_generator
-        saved = generator.get_state()
-        generator.manual_seed(random.Random(f"{self.seed}-aug-{global_stream}-{position}").getrandbits(62))
-        try:
-            return self.image_transform(image)
-        finally:
-            generator.set_state(saved)
 
     def _usable(self, sample: dict[str, bytes], skipped: Counter, global_stream: int,
                 position: int) -> tuple[torch.Tensor, str] | None:
@@ -126,30 +126,50 @@ class ShardStream(IterableDataset):
         if not text:
             skipped["empty_caption"] += 1
             return None
+        # Augmentation randomness is a function of the sample's place in the stream, not of how many samples
+        # this process happened to decode: samples skipped on resume must not shift it.
+        rng = random.Random(f"{self.seed}-aug-{global_stream}-{position}")
         try:
-            with Image.open(io.BytesIO(image)) as im:
-                return self._transform(im.convert("RGB"), global_stream, position), text
+            return self.decode(image, rng), text
         except Exception as e:  # PIL raises many types for corrupt images
             skipped["undecodable_image"] += 1
-            log.debug("undecodable image: %s", e)
+            self.last_decode_error = f"{type(e).__name__}: {e}"
+            log.debug("undecodable image: %s", self.last_decode_error)
             return None
 
     def _batches(self, stream: int, start: int) -> Iterator[Batch]:
         skipped: Counter = Counter()
         pending: list[tuple[torch.Tensor, str]] = []
         global_stream = self.rank * self.n_streams + stream
+        unusable_in_a_row = 0
         for position, sample in enumerate(self._raw_samples(global_stream, skipped), 1):
             if position <= start:  # consumed before the checkpoint: skip without decoding
                 continue
             usable = self._usable(sample, skipped, global_stream, position)
             if usable is None:
+                unusable_in_a_row += 1
+                if unusable_in_a_row >= MAX_UNUSABLE_IN_A_ROW:
+                    raise RuntimeError(self._nothing_usable_message(unusable_in_a_row, skipped))
                 continue
+            unusable_in_a_row = 0
             pending.append(usable)
             if len(pending) == self.batch_size:
                 images = torch.stack([p[0] for p in pending])
+                if self.batch_transform is not None:
+                    images = self.batch_transform(images)
                 texts = self.tokenizer([p[1] for p in pending])
                 pending = []
                 yield Batch(images, texts, stream, position, dict(skipped))
+
+    last_decode_error = ""
+
+    def _nothing_usable_message(self, n: int, skipped: Counter) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in skipped.most_common())
+        last = f"; last decode error: {self.last_decode_error}" if self.last_decode_error else ""
+        return (f"{n} samples in a row could not be used ({counts}{last}). Bad samples are skipped one by one, but "
+                f"this many means the data or the decoding is broken: check that the shards hold an image "
+                f"(.{'/.'.join(IMAGE_EXTS)}) and a UTF-8 .txt caption per sample, or try "
+                f"train.image_pipeline=open_clip")
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

@@ -26,15 +26,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipline.checkpoint import latest_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
 from clipline.config import Config, TrainConfig, WandbConfig, config_to_yaml
-from clipline.dist import DistEnv, cleanup_distributed, init_distributed, print0
+from clipline.dist import DistEnv, available_cores, cleanup_distributed, init_distributed, print0
 from clipline.errors import UsageError
 from clipline.io import atomic_write_text
-from clipline.models import ModelBundle, create_model, open_clip_folder_config, save_model_weights
+from clipline.models import (ModelBundle, create_model, has_lora, load_model_weights, lora_state_dict,
+                             open_clip_folder_config, save_model_weights)
 from clipline.shards import dataset_size, list_shards
+from training.augment import CropSpec, Normalizer, RandomCropDecoder, SimCLRViewsDecoder, pil_decoder
 from training.data import Batch, ShardStream, StreamState, make_loader
 from training.loss import contrastive_loss, siglip_loss, tiled_contrastive_loss, tiled_siglip_loss
-from training.objectives import (FeatureQueue, all_gather_no_grad, itc_distill_loss, make_momentum_encoder,
-                                 momentum_update)
+from training.objectives import (FeatureQueue, ProjectionHead, SLIPModel, all_gather_no_grad, itc_distill_loss,
+                                 make_momentum_encoder, momentum_update, nt_xent_loss)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters) where torch has it for the device: on the demo model's CPU step
+    the for-each implementation took 59 ms of 330 and the fused one 5."""
+    groups = param_groups(model, tc.weight_decay)
+    kwargs = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
+    except RuntimeError as e:  # e.g. a device or dtype without a fused kernel
+        log.info("fused AdamW unavailable (%s): using the for-each implementation", e)
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def resolve_workers(workers: int, env: DistEnv) -> int:
+    """-1: on a GPU, every core of this rank's share but one (the main process feeds the GPU); on the CPU, one,
+    because the model needs the cores and the uint8 pipeline needs little."""
+    if workers >= 0:
+        return workers
+    if env.device.type != "cuda":
+        return 1
+    return max(1, min(16, cores_per_rank(env) - 1))
+
+
+def default_threads(workers: int, env: DistEnv) -> int:
+    """On the CPU, intra-op threads on the cores the data workers leave free (0: torch's default elsewhere).
+    Threads sharing a core with a busy worker wait on each other at every parallel region."""
+    if env.device.type != "cpu":
+        return 0
+    return max(1, cores_per_rank(env) - workers)
+
+
+def cores_per_rank(env: DistEnv) -> int:
+    return max(1, available_cores() // max(1, env.local_world_size))
+
+
 class _NoWandb:
     def log(self, *args, **kwargs) -> None:
         pass
@@ -125,17 +161,22 @@ class Trainer:
             raise UsageError(f"train.global_batch_size={self.tc.global_batch_size} must be a multiple of world size "
                              f"({env.world_size}) x train.accum_steps ({self.tc.accum_steps})")
         self.micro_batch = per_rank
-        if self.tc.threads:
-            torch.set_num_threads(self.tc.threads)
+        self.synthetic = self.tc.data == "synthetic"
+        self.workers = 0 if self.synthetic else resolve_workers(self.tc.workers, env)
+        threads = self.tc.threads or default_threads(self.workers, env)
+        if threads:
+            torch.set_num_threads(threads)
         self.out = Path(self.tc.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.shards = list_shards(self.tc.data)
+        self.shards = [] if self.synthetic else list_shards(self.tc.data)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         random.seed(cfg.run.seed)
         self.bundle: ModelBundle = create_model(cfg.model, device=env.device, objective=self.tc.loss)
         self.model = self.bundle.model
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tc.weight_decay), lr=self.tc.lr,
-                                           betas=(self.tc.beta1, self.tc.beta2), eps=self.tc.eps)
+        self.net = self._with_simclr_head(self.model)  # what DDP and the optimizer see
+        self.optimizer = make_optimizer(self.net, self.tc, env.device)
+        self.normalize = Normalizer(self.model.visual.preprocess_cfg.get("mean"),
+                                    self.model.visual.preprocess_cfg.get("std"), env.device)
         use_scaler = self.tc.precision == "fp16" and env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.momentum_model, self.queues = None, {}
@@ -145,11 +186,11 @@ class Trainer:
                 dim = self.bundle.model_cfg["embed_dim"]
                 self.queues = {k: FeatureQueue(self.tc.queue_size, dim, env.device) for k in ("image", "text")}
         self.step, self.samples_seen = 0, 0
-        self.n_streams = max(1, self.tc.workers)
+        self.n_streams = 1 if self.synthetic else max(1, self.workers)
         self.stream_state = StreamState(positions=[0] * self.n_streams)
         self._resume()
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda"
-                                            else None) if env.world_size > 1 else self.model)
+        self.ddp = (DistributedDataParallel(self.net, device_ids=[env.device.index] if env.device.type == "cuda"
+                                            else None) if env.world_size > 1 else self.net)
         self.forward = torch.compile(self.ddp) if self.tc.compile else self.ddp
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -164,10 +205,8 @@ class Trainer:
         path = self._resume_path()
         if path is None:
             return
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(str(path / WEIGHTS), device=str(self.env.device)))
         state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+        self._load_weights(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
@@ -194,6 +233,29 @@ class Trainer:
             self.stream_seed_offset = self.step
         print0(f"resumed from {path} at step {self.step}")
 
+    def _load_weights(self, path: Path, state: dict) -> None:
+        """The open_clip weights file, then what it leaves out: LoRA's adapters and unmerged weights, SLIP's head."""
+        from safetensors.torch import load_file
+
+        for key, here, option in (("lora", has_lora(self.model), "model.lora_image / model.lora_text"),
+                                  ("simclr_head", self.net is not self.model, "train.simclr_weight")):
+            if (key in state) != here:
+                raise UsageError(f"{path} was trained {'with' if key in state else 'without'} {option}, this run "
+                                 f"{'with' if here else 'without'}: resume with the same settings, or start from its "
+                                 f"weights with model.pretrained={path} train.resume=never")
+        load_model_weights(self.model, load_file(str(path / WEIGHTS), device=str(self.env.device)), state.get("lora"))
+        if "simclr_head" in state:
+            self.net.head.load_state_dict(state["simclr_head"])
+
+    def _weights_beside_open_clip(self) -> dict:
+        """Trained state the open_clip weights file does not hold (it stays loadable by plain open_clip)."""
+        extra = {}
+        if has_lora(self.model):
+            extra["lora"] = lora_state_dict(self.model)
+        if self.net is not self.model:
+            extra["simclr_head"] = self.net.head.state_dict()
+        return extra
+
     def _train_state(self) -> dict:
         version, state, gauss = random.getstate()
         rng = {"torch": torch.get_rng_state(), "python": [version, list(state), gauss]}
@@ -208,7 +270,7 @@ class Trainer:
         if self.momentum_model is not None:  # identical on every rank: EMA of identical weights, gathered queues
             extra = {"momentum_model": self.momentum_model.state_dict(),
                      "queues": {k: q.state_dict() for k, q in self.queues.items()}}
-        return {**extra, "step": self.step, "samples_seen": self.samples_seen,
+        return {**extra, **self._weights_beside_open_clip(), "step": self.step, "samples_seen": self.samples_seen,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "world_size": self.env.world_size, "streams": self.n_streams,
                 "micro_batch": self.micro_batch, "lr_schedule": {"lr": self.tc.lr, "warmup": self.tc.warmup_steps,
@@ -234,12 +296,39 @@ class Trainer:
     stream_seed_offset = 0
 
     def _loader(self):
+        if self.synthetic:
+            return self._synthetic_batches()
         stream = ShardStream(self.shards, batch_size=self.micro_batch, rank=self.env.rank,
                              world_size=self.env.world_size, seed=self.cfg.run.seed + self.stream_seed_offset,
-                             shuffle_buffer=self.tc.shuffle_buffer, image_transform=self.bundle.preprocess_train,
+                             shuffle_buffer=self.tc.shuffle_buffer, decode=self._decoder(),
                              tokenizer=self.bundle.tokenizer, n_streams=self.n_streams, state=self.stream_state,
-                             resampled=self.tc.data_mode == "resampled")
-        return make_loader(stream, self.tc.workers, pin_memory=self.env.device.type == "cuda")
+                             resampled=self.tc.data_mode == "resampled",
+                             # On a CPU the workers have time to spare and the model has none: normalise there.
+                             batch_transform=self.normalize if self.env.device.type == "cpu" else None)
+        return make_loader(stream, self.workers, pin_memory=self.env.device.type == "cuda")
+
+    def _synthetic_batches(self):
+        """The same random uint8 batch every step, already on the device: the model's speed alone."""
+        size = self.model.visual.preprocess_cfg["size"]
+        size = size[-2:] if isinstance(size, (list, tuple)) else (size, size)
+        generator = torch.Generator(device="cpu").manual_seed(self.cfg.run.seed + self.env.rank)
+        views = (3,) if self.tc.simclr_weight else ()  # SLIP: the CLIP crop and SimCLR's two views
+        images = torch.randint(0, 256, (self.micro_batch, *views, *size, 3), dtype=torch.uint8, generator=generator)
+        texts = self.bundle.tokenizer([f"synthetic caption {i}" for i in range(self.micro_batch)])
+        images, texts = images.to(self.env.device), texts.to(self.env.device)
+        position = self.stream_state.positions[0]
+        while True:
+            position += self.micro_batch
+            yield Batch(images, texts, 0, position)
+
+    def _decoder(self):
+        if self.tc.image_pipeline == "open_clip":
+            return pil_decoder(self.bundle.preprocess_train)
+        try:
+            spec = CropSpec.from_preprocess_cfg(self.model.visual.preprocess_cfg, self.tc.crop_scale)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return SimCLRViewsDecoder(spec) if self.tc.simclr_weight else RandomCropDecoder(spec)
 
     def _autocast(self):
         if self.tc.precision == "fp32":
@@ -247,11 +336,13 @@ class Trainer:
         dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
         return torch.autocast(self.env.device.type, dtype=dtype)
 
-    def _features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """(image features, text features), then under SLIP the (B, 2, d) SimCLR embeddings of the two views."""
         with self._autocast():
-            out = self.forward(image=batch.images.to(self.env.device, non_blocking=True),
+            out = self.forward(image=self.normalize(batch.images),
                                text=batch.texts.to(self.env.device, non_blocking=True))
-        return out["image_features"], out["text_features"]
+        views = (out["view_embeddings"],) if "view_embeddings" in out else ()
+        return out["image_features"], out["text_features"], *views
 
     @property
     def tiled(self) -> bool:
@@ -259,7 +350,11 @@ class Trainer:
             return self.env.device.type == "cpu" and self.tc.global_batch_size >= 128
         return self.tc.loss_impl == "tiled"
 
-    def _loss(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def _loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
+              view_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        return self._image_text_loss(image_features, text_features) + self._simclr_loss(view_embeddings)
+
+    def _image_text_loss(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         scale = self.model.logit_scale
         if self.tc.loss == "siglip":
             fn = tiled_siglip_loss if self.tiled else siglip_loss
@@ -283,15 +378,16 @@ class Trainer:
     def _momentum_loss(self, batch: Batch) -> torch.Tensor:
         """MoCo queues and/or ALBEF distillation: rows from the model, columns from the momentum encoder (all
         ranks) and the queues; the momentum features of this batch are enqueued after the step."""
-        image_f, text_f = self._features(batch)
+        image_f, text_f, *views = self._features(batch)
         with torch.no_grad(), self._autocast():
-            out = self.momentum_model(image=batch.images.to(self.env.device), text=batch.texts.to(self.env.device))
+            out = self.momentum_model(image=self._clip_crops(self.normalize(batch.images)),
+                                      text=batch.texts.to(self.env.device))
         image_m, text_m = out["image_features"].float(), out["text_features"].float()
         loss = itc_distill_loss(image_f, text_f, image_m, text_m, self.model.logit_scale, self.tc.distill_alpha,
                                 queue_image=self.queues["image"].contents() if self.queues else None,
                                 queue_text=self.queues["text"].contents() if self.queues else None)
         self._pending_keys = (image_m, text_m)
-        return loss
+        return loss + self._simclr_loss(*views)
 
     def _after_update(self) -> None:
         if self.momentum_model is None:
@@ -302,40 +398,56 @@ class Trainer:
             self.queues["image"].enqueue(all_gather_no_grad(image_m))
             self.queues["text"].enqueue(all_gather_no_grad(text_m))
 
+    # -- SLIP ----------------------------------------------------------------------------------------------------
+    def _with_simclr_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Under train.simclr_weight, the model and SLIP's projection head as one module; the model otherwise.
+        The head's default widths scale with embed_dim as SLIP's do for ViT-B/16 (512 -> 4096 -> 256)."""
+        if not self.tc.simclr_weight:
+            return model
+        dim = self.bundle.model_cfg["embed_dim"]
+        head = ProjectionHead(dim, self.tc.simclr_hidden_dim or 8 * dim, self.tc.simclr_out_dim or max(1, dim // 2))
+        return SLIPModel(model, head.to(self.env.device))
+
+    def _simclr_loss(self, view_embeddings: torch.Tensor | None = None) -> torch.Tensor | float:
+        if view_embeddings is None:
+            return 0.0
+        return self.tc.simclr_weight * nt_xent_loss(view_embeddings[:, 0], view_embeddings[:, 1],
+                                                    self.tc.simclr_temperature)
+
+    def _clip_crops(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLIP crop of each sample: batches of (B, 3 views, C, H, W) under SLIP, (B, C, H, W) otherwise."""
+        return images[:, 0] if images.dim() == 5 else images
+
     def _accumulated_forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         # Pass 1 embeds every micro-batch without a graph; the loss over the whole accumulated batch then gives
         # the gradient of each feature; pass 2 re-embeds each micro-batch with a graph and back-propagates its
         # slice of those feature gradients. Dropout masks repeat (RNG state replayed) and normalisation-layer
         # running statistics are updated once (restored after pass 1).
-        rng_states, images, texts = [], [], []
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        # Every output of _features is cached this way: image and text features, and SLIP's view embeddings.
+        rng_states, outputs = [], []
+        buffers = {name: b.clone() for name, b in self.net.named_buffers()}
         with torch.no_grad():
             for batch in micro_batches:
                 rng_states.append(torch.get_rng_state())
-                image_f, text_f = self._features(batch)
-                images.append(image_f)
-                texts.append(text_f)
-        for name, b in self.model.named_buffers():
+                outputs.append(self._features(batch))
+        for name, b in self.net.named_buffers():
             b.copy_(buffers[name])
-        all_images = torch.cat(images).detach().requires_grad_()
-        all_texts = torch.cat(texts).detach().requires_grad_()
-        sync_off = self.ddp.no_sync() if self.ddp is not self.model else contextlib.nullcontext()
+        cached = [torch.cat(parts).detach().requires_grad_() for parts in zip(*outputs)]
+        sync_off = self.ddp.no_sync() if self.ddp is not self.net else contextlib.nullcontext()
         with sync_off:
-            loss = self._loss(all_images, all_texts)
+            loss = self._loss(*cached)
             self.scaler.scale(loss).backward()  # also gives the logit scale (and bias) their whole-batch gradient
             n = self.micro_batch
             for i, batch in enumerate(micro_batches):
                 torch.set_rng_state(rng_states[i])
-                image_f, text_f = self._features(batch)
-                torch.autograd.backward([image_f, text_f], [all_images.grad[i * n:(i + 1) * n],
-                                                            all_texts.grad[i * n:(i + 1) * n]])
+                torch.autograd.backward(list(self._features(batch)), [c.grad[i * n:(i + 1) * n] for c in cached])
         self._average_gradients()
         return loss.detach()
 
     def _average_gradients(self) -> None:
         if self.env.world_size == 1:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat /= self.env.world_size
@@ -345,7 +457,7 @@ class Trainer:
     def optimizer_step(self) -> None:
         if self.tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         with torch.no_grad():
@@ -423,17 +535,18 @@ class Trainer:
             print0(f"already trained: step {self.step} >= train.steps={self.tc.steps}")
             return True
         stop = StopSignal()
-        size = dataset_size(self.shards)
+        size = dataset_size(self.shards) if self.shards else None
+        data = "synthetic data" if self.synthetic else f"{len(self.shards)} shards"
         print0(f"training {self.bundle.arch} ({self.tc.loss} loss) for {self.tc.steps} steps, global batch "
                f"{self.tc.global_batch_size} ({self.env.world_size} x {self.tc.accum_steps} x {self.micro_batch}), "
-               f"{len(self.shards)} shards" + (f", {size} samples" if size else "") + f", on {self.env.device}")
+               f"{data}" + (f", {size} samples" if size else "") + f", on {self.env.device}")
         wandb_run = start_wandb(self.cfg.wandb, self.cfg.run.name, self.out, json.loads(json.dumps(
             asdict(self.cfg))), self.env)
         metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
         progress = Progress(self.tc.steps, self.step, enabled=self.env.is_main)
         window_start, window_samples, skipped = time.perf_counter(), 0, {}
         batches = iter(self._loader())
-        self.model.train()
+        self.net.train()
         try:
             while self.step < self.tc.steps:
                 micro = [next(batches) for _ in range(self.tc.accum_steps)]

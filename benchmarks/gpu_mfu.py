@@ -1,0 +1,171 @@
+"""GPU training speed and MFU: `clipline train` against `open_clip_train`, ViT-B/32 at 224 px, bf16 autocast,
+SDPA attention, torch.compile, synthetic data, one GPU, same batch, in one run (issue 7's target: >= 40% MFU on
+an H100, about 9,000 samples/s).
+
+    python benchmarks/gpu_mfu.py                       # on a GPU machine: ours and the peer, batch 256, 60 steps
+    python benchmarks/gpu_mfu.py --batch 512 --steps 100 --peak-tflops 989
+    .venv/bin/python benchmarks/gpu_mfu.py --smoke     # on a CPU: the tiny demo model, to check the script runs
+
+MFU = samples/s x model FLOPs per training sample / the device's peak dense bf16 FLOP/s. The FLOPs per sample are
+counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one forward + backward of the model on the
+CPU (matmuls, convolutions and SDPA attention; element-wise work is not counted, as is usual for MFU), divided by
+the batch. The peak comes from the device's name (H100 SXM/H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835, A100
+312, L40S 362, RTX 4090 165) or --peak-tflops.
+
+Synthetic data: ours with `train.data=synthetic` (one random uint8 batch on the GPU, fed again every step: the
+model's speed alone); open_clip_train with `--dataset-type synthetic`, which still runs its PIL preprocessing in
+DataLoader workers for every sample (--workers of them), so where it is input-bound its number says so. samples/s
+is the median over logging windows after the first two (torch.compile warm-up). Both write no checkpoint before
+the end and log every 10 steps.
+
+On the GPU machine open_clip_torch (and webdataset <= 0.2.86 for open_clip_train's imports) may be missing: carry
+their wheels and put them on PYTHONPATH, as benchmarks/README.md says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PEAK_TFLOPS = [("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+               ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2)]
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS if k in device_name), None)
+
+
+def flops_per_sample(model_name: str, batch: int = 4) -> float:
+    """Forward + backward FLOPs of one training sample, counted on the CPU in fp32."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipline.config import ModelConfig
+    from clipline.models import create_model
+
+    model = create_model(ModelConfig(name=model_name), device="cpu").model
+    size = model.visual.preprocess_cfg["size"]
+    size = size[-2:] if isinstance(size, (list, tuple)) else (size, size)
+    images = torch.randn(batch, 3, *size)
+    texts = torch.randint(0, 1000, (batch, model.context_length))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(image=images, text=texts)
+        (out["image_features"].sum() + out["text_features"].sum()).backward()
+    return counter.get_total_flops() / batch
+
+
+def median_after_warmup(rates: list[float]) -> float:
+    kept = rates[2:] if len(rates) > 3 else rates[-1:]
+    return statistics.median(kept)
+
+
+def run_ours(args, work: Path) -> float:
+    out = work / "ours"
+    cmd = [sys.executable, "-m", "clipline", "train", str(REPO / "configs/demo.yaml"), f"run.output_dir={out}",
+           f"model.name={args.model}", "train.data=synthetic", f"train.global_batch_size={args.batch}",
+           f"train.steps={args.steps}", "train.log_every=10", f"train.save_every={args.steps}",
+           f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}", "train.warmup_steps=5",
+           "train.resume=never", f"train.device={args.device}", "eval.datasets=[]"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"clipline train failed:\n{result.stderr[-3000:]}")
+    lines = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    return median_after_warmup([m["samples_per_s"] for m in lines])
+
+
+_PEER_RATE = re.compile(r"Batch \(t\): ([0-9.]+)")
+
+
+def run_peer(args, work: Path, python: str) -> float:
+    model = args.model
+    if model.endswith(".json"):  # the smoke model: open_clip_train takes a local-dir folder
+        folder = work / "peer-model"
+        folder.mkdir(exist_ok=True)
+        (folder / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": json.loads((REPO / model).read_text()), "preprocess_cfg": {}}))
+        model = f"local-dir:{folder}"
+    precision = {"bf16": "amp_bf16", "fp32": "fp32"}[args.precision]
+    cmd = [python, "-m", "open_clip_train.main", "--dataset-type", "synthetic", "--train-num-samples",
+           str(args.steps * args.batch), "--model", model, "--batch-size", str(args.batch), "--epochs", "1",
+           "--workers", str(args.workers), "--precision", precision, "--lr", "5e-4", "--warmup", "5",
+           "--log-every-n-steps", "10", "--logs", str(work / "peer"), "--name", "peer", "--save-frequency", "0",
+           "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "", "--seed", "0"]
+    if args.compile:
+        cmd.append("--torchcompile")
+    if args.device == "cpu":
+        cmd.append("--no-set-device-rank")
+    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
+                            env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})})
+    if result.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    times = [float(m.group(1)) for m in _PEER_RATE.finditer(result.stdout + result.stderr)]
+    return median_after_warmup([args.batch / t for t in times])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--workers", type=int, default=8, help="open_clip_train's DataLoader workers")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--peer-python", default=None, help="python with open_clip_train (default: this one, or "
+                        "benchmarks/.peer-venv where it exists)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny demo model, 20 steps of 32, no compile")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.batch, args.steps, args.device = "configs/models/clipline-tiny-rn.json", 32, 40, "cpu"
+        args.compile, args.workers = False, 1
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run this on a GPU machine, or pass --smoke to check the script on a CPU",
+              file=sys.stderr)
+        return 2
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    peak = args.peak_tflops or (peak_tflops(device_name) if args.device == "cuda" else None)
+    flops = flops_per_sample(args.model)
+    peer_python = args.peer_python or (str(REPO / "benchmarks/.peer-venv/bin/python")
+                                       if (REPO / "benchmarks/.peer-venv/bin/python").exists() else sys.executable)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows["clipline train"] = run_ours(args, Path(tmp))
+        if not args.skip_peer:
+            rows["open_clip_train"] = run_peer(args, Path(tmp), peer_python)
+    result = {"benchmark": "gpu_mfu", "device": device_name, "model": args.model, "batch": args.batch,
+              "steps": args.steps, "precision": args.precision, "compile": args.compile,
+              "train_flops_per_sample": flops, "peak_tflops": peak, "torch": torch.__version__, "rows": {}}
+    print(f"\n{device_name}, {args.model}, batch {args.batch}, {args.precision}, compile={args.compile}; "
+          f"{flops / 1e9:.2f} GFLOP per training sample\n\n| trainer | samples/s | MFU |\n|---|---:|---:|")
+    for name, rate in rows.items():
+        mfu = rate * flops / (peak * 1e12) if peak else None
+        result["rows"][name] = {"samples_per_s": rate, "mfu": mfu}
+        print(f"| {name} | {rate:,.0f} | {f'{mfu:.1%}' if mfu is not None else 'n/a (no peak known)'} |")
+    if len(rows) == 2:
+        result["ratio"] = rows["clipline train"] / rows["open_clip_train"]
+        print(f"\nratio (ours / peer): {result['ratio']:.2f}x")
+    out = Path(args.out or REPO / "benchmarks/results" / f"gpu_mfu{'_smoke' if args.smoke else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
