@@ -367,8 +367,8 @@ class TrainConfig:
     """DataLoader worker processes per rank; -1 picks: on a GPU this rank's share of the cores minus one (at most
     16), on the CPU one (the model needs the cores)."""
     image_pipeline: Literal["fast", "open_clip"] = "fast"
-    """'fast': decode + random resized crop in one PIL pass (large JPEGs decoded at reduced scale), uint8 batches,
-    normalised on the device. 'open_clip': the model's own PIL train transform (float batches), e.g. for the
+    """'fast': decode + random resized crop into uint8 (large JPEGs decoded at reduced scale, torch's antialiased
+    uint8 resize), uint8 batches, normalised on the device (in the worker on a CPU). 'open_clip': the model's own PIL train transform (float batches), e.g. for the
     colour-jitter/grey-scale/timm options of an open_clip aug_cfg."""
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     """Fast pipeline: the random resized crop's area fraction range (open_clip's default)."""

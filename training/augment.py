@@ -1,5 +1,5 @@
-"""The fast training image path: decode, random-resized-crop and resize in one PIL pass on the CPU workers, ship
-uint8 pixels, normalise on the device.
+"""The fast training image path: decode (at reduced scale where the crop allows) and random-resized-crop on the
+CPU workers, ship uint8 pixels, normalise on the device.
 
 OpenCLIP's pipeline decodes every JPEG at full size, crops, resizes, then converts to float and normalises on the
 CPU (``ToTensor`` + ``Normalize``), and the workers ship float32 batches (4x the bytes of uint8). Here:
