@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.demo_scenes import captions_for_scene, render_scene, sample_scene
 
@@ -70,6 +71,27 @@ def eval_shards(tmp_path_factory) -> Path:
     """One shard of 60 held-out scenes with 2 captions each."""
     return make_shard_folder(tmp_path_factory.mktemp("shards") / "eval", n_shards=1, per_shard=60, seed=2,
                              captions_per_image=2)
+
+
+# A ViT with no batch norm (micro-batches and whole batches see the same statistics) and both towers' attention
+# and MLP layers: the trainer and contrastive-family tests build it.
+TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def batches_for(trainer, samples: list[dict], size: int) -> list:
+    """Model-ready Batches of ``samples`` (the trainer's eval transform, no randomness), ``size`` at a time."""
+    from PIL import Image
+
+    from training.data import Batch
+
+    out = []
+    for i in range(0, len(samples), size):
+        chunk = samples[i:i + size]
+        images = torch.stack([trainer.bundle.preprocess_val(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+                              for s in chunk])
+        out.append(Batch(images, trainer.bundle.tokenizer([s["txt"] for s in chunk]), 0, 0))
+    return out
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600,

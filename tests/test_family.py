@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,14 +24,10 @@ from training.data import Batch
 from training.objectives import nt_xent_loss
 from training.trainer import Trainer
 
-from conftest import REPO, make_samples
+from conftest import REPO, TINY_VIT, batches_for, make_samples
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 TINY = str(REPO / "configs" / "test-tiny.yaml")
-# A ViT (no batch norm, so micro-batches and whole batches see the same statistics) with both towers' attention
-# and MLP layers, which is what LoRA targets.
-TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 LORA = ("model.lora_image=true", "model.lora_text=true", "model.lora_rank=4")
 
 
@@ -57,18 +52,6 @@ def view_batches(trainer: Trainer, samples: list[dict], size: int) -> list[Batch
     for i in range(0, len(samples), size):
         chunk = samples[i:i + size]
         images = torch.stack([decode(s["jpg"], random.Random(f"view-{i + j}")) for j, s in enumerate(chunk)])
-        out.append(Batch(images, trainer.bundle.tokenizer([s["txt"] for s in chunk]), 0, 0))
-    return out
-
-
-def plain_batches(trainer: Trainer, samples: list[dict], size: int) -> list[Batch]:
-    from PIL import Image
-
-    out = []
-    for i in range(0, len(samples), size):
-        chunk = samples[i:i + size]
-        images = torch.stack([trainer.bundle.preprocess_val(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
-                              for s in chunk])
         out.append(Batch(images, trainer.bundle.tokenizer([s["txt"] for s in chunk]), 0, 0))
     return out
 
@@ -276,7 +259,7 @@ def test_lora_trains_only_the_adapters(tmp_path, tiny_shards, vit_json, towers):
         in_lora_tower = "image" in towers if is_image(name) else "text" in towers
         assert "lora_" in name or not in_lora_tower, name
     before = parameters(model)
-    for batch in plain_batches(trainer, make_samples(32, seed=12), 16):
+    for batch in batches_for(trainer, make_samples(32, seed=12), 16):
         trainer.train_step([batch])
     after = parameters(model)
     for name in before:
@@ -301,7 +284,7 @@ def test_lora_checkpoint_holds_merged_open_clip_weights(tmp_path, tiny_shards, v
     model_json = vit_json if model == "vit" else RN_JSON
     trainer = make_trainer(tmp_path, tiny_shards, vit_json, *LORA, f"model.name={model_json}",
                            *([f"model.lora_targets={targets}"] if targets else []))
-    for batch in plain_batches(trainer, make_samples(32, seed=13), 16):
+    for batch in batches_for(trainer, make_samples(32, seed=13), 16):
         trainer.train_step([batch])
     trainer.step = 2
     trainer.save()
@@ -309,7 +292,7 @@ def test_lora_checkpoint_holds_merged_open_clip_weights(tmp_path, tiny_shards, v
     saved = load_file(str(folder / "open_clip_model.safetensors"))
     assert not any("lora_" in k or "base_layer" in k for k in saved)
 
-    batch = plain_batches(trainer, make_samples(4, seed=14), 4)[0]
+    batch = batches_for(trainer, make_samples(4, seed=14), 4)[0]
     trainer.model.eval()
     with torch.no_grad():
         ours = trainer.model(image=batch.images, text=batch.texts)

@@ -16,22 +16,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 from safetensors.torch import load_file
 
 from clipline.config import load_config
 from clipline.dist import DistEnv
-from training.data import Batch
 from training.trainer import EXIT_PREEMPTED, Trainer
 
-from conftest import REPO, make_samples, run_cli
+from conftest import REPO, TINY_VIT, batches_for, make_samples, run_cli
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 TINY = str(REPO / "configs" / "test-tiny.yaml")
-
-# A ViT with no batch norm: with BN, micro-batch statistics differ from whole-batch ones by design.
-TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
 def free_port() -> int:
@@ -51,18 +45,6 @@ def make_trainer(tmp_path, shards, vit_json, *overrides, env=None) -> Trainer:
     cfg = load_config([DEMO, TINY], [f"run.output_dir={tmp_path}", f"train.data={shards}", f"model.name={vit_json}",
                                      "train.precision=fp32", "train.resume=never", *overrides])
     return Trainer(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
-
-
-def batches_for(trainer: Trainer, samples: list[dict], size: int) -> list[Batch]:
-    import io
-
-    out = []
-    for i in range(0, len(samples), size):
-        chunk = samples[i:i + size]
-        images = torch.stack([trainer.bundle.preprocess_val(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
-                              for s in chunk])
-        out.append(Batch(images, trainer.bundle.tokenizer([s["txt"] for s in chunk]), 0, 0))
-    return out
 
 
 def grads(model) -> dict:
