@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from clipline.dist import available_cores
+from clipline.dist import available_cores, threads_beside
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,12 @@ def resolve_workers(workers: int, n_images: int, batch_size: int, device_type: s
 
 @contextlib.contextmanager
 def model_threads(device_type: str, n_workers: int):
-    """On the CPU, run the model on the cores the decoding workers leave free. Intra-op threads that share cores
-    with busy processes wait on each other at every parallel region: on a 2-core machine a small ResNet ran 20x
-    slower with 2 threads beside 2 decoding workers than with 1."""
+    """On the CPU, run the model on the cores the decoding workers leave free (clipline.dist.threads_beside)."""
     if device_type != "cpu" or n_workers == 0:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, available_cores() - n_workers)))
+    torch.set_num_threads(min(before, threads_beside(n_workers)))
     try:
         yield
     finally:

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipline.checkpoint import latest_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
 from clipline.config import Config, TrainConfig, WandbConfig, config_to_yaml
-from clipline.dist import DistEnv, available_cores, cleanup_distributed, init_distributed, print0
+from clipline.dist import (DistEnv, cleanup_distributed, cores_per_process, init_distributed, print0,
+                           threads_beside)
 from clipline.errors import UsageError
 from clipline.io import atomic_write_text
 from clipline.models import (ModelBundle, create_model, has_lora, load_model_weights, lora_state_dict,
@@ -115,7 +116,7 @@ def resolve_workers(workers: int, env: DistEnv) -> int:
         return workers
     if env.device.type != "cuda":
         return 1
-    return max(1, min(16, cores_per_rank(env) - 1))
+    return max(1, min(16, cores_per_process(env.local_world_size) - 1))
 
 
 def default_threads(workers: int, env: DistEnv) -> int:
@@ -123,11 +124,8 @@ def default_threads(workers: int, env: DistEnv) -> int:
     Threads sharing a core with a busy worker wait on each other at every parallel region."""
     if env.device.type != "cpu":
         return 0
-    return max(1, cores_per_rank(env) - workers)
+    return threads_beside(workers, env.local_world_size)
 
-
-def cores_per_rank(env: DistEnv) -> int:
-    return max(1, available_cores() // max(1, env.local_world_size))
 
 
 class _NoWandb:
@@ -336,10 +334,11 @@ class Trainer:
         dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
         return torch.autocast(self.env.device.type, dtype=dtype)
 
-    def _features(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """(image features, text features), then under SLIP the (B, 2, d) SimCLR embeddings of the two views."""
+    def _features(self, batch: Batch, images: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(image features, text features), then under SLIP the (B, 2, d) SimCLR embeddings of the two views.
+        ``images``: the batch's images already normalised on the device, where the caller needs them too."""
         with self._autocast():
-            out = self.forward(image=self.normalize(batch.images),
+            out = self.forward(image=self.normalize(batch.images) if images is None else images,
                                text=batch.texts.to(self.env.device, non_blocking=True))
         views = (out["view_embeddings"],) if "view_embeddings" in out else ()
         return out["image_features"], out["text_features"], *views
@@ -378,10 +377,10 @@ class Trainer:
     def _momentum_loss(self, batch: Batch) -> torch.Tensor:
         """MoCo queues and/or ALBEF distillation: rows from the model, columns from the momentum encoder (all
         ranks) and the queues; the momentum features of this batch are enqueued after the step."""
-        image_f, text_f, *views = self._features(batch)
+        images = self.normalize(batch.images)  # once for both encoders
+        image_f, text_f, *views = self._features(batch, images)
         with torch.no_grad(), self._autocast():
-            out = self.momentum_model(image=self._clip_crops(self.normalize(batch.images)),
-                                      text=batch.texts.to(self.env.device))
+            out = self.momentum_model(image=self._clip_crops(images), text=batch.texts.to(self.env.device))
         image_m, text_m = out["image_features"].float(), out["text_features"].float()
         loss = itc_distill_loss(image_f, text_f, image_m, text_m, self.model.logit_scale, self.tc.distill_alpha,
                                 queue_image=self.queues["image"].contents() if self.queues else None,
