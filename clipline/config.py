@@ -39,6 +39,11 @@ class RunConfig:
     """Root folder of this run's artifacts; stage folders default to places under it."""
     seed: int = 0
     """Seed for model init, data order and augmentation."""
+    smoke: bool = False
+    """Shrink this config to a CPU run of a few steps, to check it end to end before a real run: few steps of a
+    small batch, the model shrunk within its family (and model.pretrained dropped when it no longer fits), the
+    first eval dataset of each task, wandb off, outputs under run.output_dir/smoke. Data paths are kept as they
+    are. What it changes is printed."""
 
     def validate(self) -> None:
         _check(bool(self.name), "run.name must not be empty")
@@ -61,6 +66,10 @@ class DemoConfig:
     """Where the generated images and URL lists are written (and served from over HTTP on 127.0.0.1)."""
     eval_output_dir: str = "${run.output_dir}/shards/eval"
     """Shards of the held-out split; prep.output_dir receives the training split."""
+    check_minimums: bool = True
+    """After eval, check the results against the minimums the README promises for configs/demo.yaml
+    (clipline/demo_check.py: colour top-1 > 90%, shape top-1 > 40%, image->text R@5 > 90%): PASS/FAIL per minimum,
+    and `clipline demo` exits with code 3 if one is missed. Off for shrunk runs such as configs/test-tiny.yaml."""
 
     def validate(self) -> None:
         _check(self.num_train > 0 and self.num_eval > 0, "demo.num_train and demo.num_eval must be > 0")
@@ -122,6 +131,9 @@ class PrepFilterConfig:
     """Images per forward pass of the CLIP-score model."""
     clip_device: str = "cpu"
     """Device of the CLIP-score model: cpu, cuda or auto."""
+    clip_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the CLIP-score model (scores are computed in fp32 whatever this is). 'auto': bf16 on
+    CUDA devices with bf16 and on CPUs with native bf16 (AVX512_BF16/AMX), fp32 otherwise; printed at start."""
 
     def validate(self) -> None:
         for key in ("min_caption_chars", "max_caption_chars", "min_caption_words", "max_caption_words"):
@@ -355,14 +367,19 @@ class TrainConfig:
     weight_decay: float = 0.2
     """AdamW weight decay (not applied to gains, biases, embeddings or the logit scale)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.98
+    """AdamW's second-moment decay (CLIP's 0.98; lower is steadier for large batches, e.g. SigLIP's 0.95)."""
     eps: float = 1e-6
+    """AdamW's epsilon, added to the denominator."""
     warmup_steps: int = 100
     """Linear warmup steps before the cosine decay."""
     grad_clip: float = 0.0
     """Clip the gradient norm to this value; 0 disables clipping."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the forward pass (weights stay fp32)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the forward pass (weights stay fp32). 'auto': bf16 on CUDA devices with bf16 and on
+    CPUs with native bf16 (AVX512_BF16/AMX), fp32 otherwise (emulated bf16 is several times slower than fp32).
+    The choice is printed at start; the resolved config saved with the run holds the concrete value."""
     workers: int = -1
     """DataLoader worker processes per rank; -1 picks: on a GPU this rank's share of the cores minus one (at most
     16), on the CPU one (the model needs the cores)."""
@@ -382,6 +399,9 @@ class TrainConfig:
     """'auto' continues from the newest complete checkpoint in output_dir, 'never' starts fresh, or a checkpoint path."""
     log_every: int = 10
     """Log metrics every this many steps."""
+    curves_every_s: float = 30.0
+    """Redraw curves.png (and eval_curves.png) in output_dir from metrics.jsonl at a log step at most every this
+    many seconds, and once at the end; 0 disables. Redraw after the fact: python -m training.curves RUN_DIR."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     threads: int = 0
@@ -396,7 +416,7 @@ class TrainConfig:
         _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
         for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "threads", "shuffle_buffer",
-                    "eval_every"):
+                    "eval_every", "curves_every_s"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _check(self.queue_size >= 0 and 0 <= self.distill_alpha <= 1 and 0 <= self.momentum < 1,
@@ -419,7 +439,9 @@ class WandbConfig:
     mode: Literal["disabled", "offline", "online"] = "disabled"
     """wandb mode; 'disabled' needs no account and writes nothing."""
     project: str = "clipline"
+    """wandb project the run is logged to."""
     entity: str = ""
+    """wandb team or user; empty: your default entity."""
 
 
 @dataclass
@@ -429,17 +451,29 @@ class EvalDatasetConfig:
     task: Literal["zeroshot_classification", "retrieval", "linear_probe"] = "zeroshot_classification"
     """What to measure on it: zero-shot classification, image<->text retrieval, or a linear probe on frozen image
     features (logistic regression, regularisation chosen on a validation split)."""
-    format: Literal["auto", "shards", "clip_benchmark_wds", "imagefolder", "csv", "torchvision"] = "auto"
+    format: Literal["auto", "shards", "clip_benchmark_wds", "imagefolder", "csv", "torchvision", "flickr",
+                    "coco_captions"] = "auto"
     """How the data is stored. 'shards': webdataset tars as `clipline prep` writes them (label in each sample's
     .json, captions one per line in .txt); 'clip_benchmark_wds': CLIP_benchmark's layout (SPLIT/N.tar with .cls or
     .txt, nshards.txt, classnames.txt, zeroshot_classification_templates.txt); 'imagefolder': CLASS/IMAGE trees;
     'csv': a .csv/.tsv file of image paths with a label or caption column; 'torchvision': a torchvision dataset
-    already on disk (see torchvision_class). 'auto' tells them apart from what is on disk."""
+    already on disk (see torchvision_class); retrieval only, an images folder (path) plus annotation_file:
+    'flickr': CLIP_benchmark's flickr30k/flickr8k file (`image,caption` lines, e.g. flickr30k_test_karpathy.txt
+    or Kaggle's captions.txt), a Flickr token file (`NAME.jpg#N<TAB>caption`, e.g. Flickr8k.token.txt) or a JSON
+    list of {"image": ..., "caption": [...]}; 'coco_captions': a COCO captions JSON (images + annotations, e.g.
+    captions_val2017.json, or CLIP_benchmark's coco_test_karpathy.json for mscoco_captions). 'auto' tells them
+    apart from what is on disk (from annotation_file's content when it is set)."""
     path: str = ""
-    """Where the data is: a folder, a shard brace pattern, a .csv/.tsv file, or a torchvision root."""
+    """Where the data is: a folder, a shard brace pattern, a .csv/.tsv file, or a torchvision root. flickr and
+    coco_captions: the images folder (CLIP_benchmark's --dataset_root; for COCO a folder holding val2014/ or
+    val2017/ also works)."""
     split: str = ""
-    """Split to evaluate. clip_benchmark_wds and torchvision: the split name ('' means 'test'); other formats:
-    a subfolder of path ('' means path itself)."""
+    """Split to evaluate. clip_benchmark_wds and torchvision: the split name ('' means 'test'); flickr and
+    coco_captions: the split in CLIP_benchmark's default annotation file names and in Karpathy-style JSON
+    ('' means 'test'); other formats: a subfolder of path ('' means path itself)."""
+    annotation_file: str = ""
+    """flickr and coco_captions: the captions file (CLIP_benchmark's --annotation_file). '' means CLIP_benchmark's
+    default name in path: flickr30k_SPLIT_karpathy.txt, flickr8k_SPLIT_karpathy.txt or coco_SPLIT_karpathy.json."""
     train_path: str = ""
     """Linear probe: where the training data is ('' means path)."""
     train_split: str = ""
@@ -480,6 +514,11 @@ class EvalDatasetConfig:
         _check(bool(self.name) and bool(self.path), "every eval.datasets entry needs a name and a path")
         _check(self.format != "torchvision" or bool(self.torchvision_class),
                f"eval dataset {self.name!r}: format torchvision needs torchvision_class (e.g. CIFAR10)")
+        _check(self.format not in ("flickr", "coco_captions") or self.task == "retrieval",
+               f"eval dataset {self.name!r}: format {self.format} holds captions only; set task: retrieval")
+        _check(not self.annotation_file or self.format in ("auto", "flickr", "coco_captions"),
+               f"eval dataset {self.name!r}: annotation_file is read only by the flickr and coco_captions formats "
+               f"(format is {self.format}); remove it or set format")
         if self.task != "retrieval":
             _check(not self.classnames or len(self.classnames) >= 2,
                    f"eval dataset {self.name!r}: needs at least 2 classnames")
@@ -528,12 +567,15 @@ class EvalConfig:
     datasets: list[EvalDatasetConfig] = field(default_factory=list)
     """The suite: datasets x tasks."""
     batch_size: int = 256
+    """Images (or captions) per forward pass of the encoders."""
     output_dir: str = "${run.output_dir}/eval"
     """results.json, results.csv and results.md (and plots/ for several steps) go here."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the encoders; similarities and metrics are computed in fp32 whatever this is."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the encoders; similarities and metrics are computed in fp32 whatever this is.
+    'auto': as train.precision (bf16 where the device computes it natively, fp32 otherwise); the choice is printed
+    at start and saved in results.json (precision, precision_requested) and the saved config.yaml."""
     workers: int = -1
     """Image decoding processes. -1: on a GPU one per core; on the CPU half the cores (the model runs on the
     others). 0 decodes in the main process."""
@@ -662,10 +704,59 @@ def _apply_override(data: dict, override: str) -> dict:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: cannot parse value ({e})") from None
+    parts = key.split(".")
+    if any(part.isdigit() for part in parts):  # a list element: eval.datasets.0.name=x
+        return _set_path(data, Config, parts, value, override, "")
     nested: Any = value
-    for part in reversed(key.split(".")):
+    for part in reversed(parts):
         nested = {part: nested}
     return _deep_merge(data, nested)
+
+
+def _set_path(node: Any, tp: Any, parts: list[str], value: Any, override: str, where: str) -> Any:
+    """A copy of ``node`` (plain data of config type ``tp``; None when absent) with ``value`` set at ``parts``, where
+    a number addresses an element of a list. A mapping value is merged into a mapping, as top-level overrides are."""
+    if not parts:
+        return _deep_merge(node, value) if isinstance(node, dict) and isinstance(value, dict) else value
+    part, rest = parts[0], parts[1:]
+    here = f"{where}.{part}" if where else part
+    tp = _unwrap_optional(tp)
+    if isinstance(node, list) or typing.get_origin(tp) is list:
+        _check(part.isdigit(), f"override {override!r}: {where} is a list: address an element by its index from 0, "
+                               f"e.g. {where}.0")
+        items, index = list(node or []), int(part)
+        if not items:
+            raise ConfigError(f"override {override!r}: {where} is empty, so it has no element {index}; set the whole "
+                              f"list, e.g. {where}=[...]")
+        _check(index < len(items), f"override {override!r}: {where} has {len(items)} "
+                                   f"entr{'y' if len(items) == 1 else 'ies'}, so the index must be 0..{len(items) - 1}")
+        element_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        items[index] = _set_path(items[index], element_tp, rest, value, override, here)
+        return items
+    _check(not part.isdigit() or isinstance(node, dict),
+           f"override {override!r}: {where} is not a list, so it takes no index {part}")
+    out = dict(node) if isinstance(node, dict) else {}
+    child_tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+    if part not in out and child_tp is not None and rest and rest[0].isdigit():
+        out[part] = _plain(getattr(tp(), part))  # a list left at its default: index into the default
+    out[part] = _set_path(out.get(part), child_tp, rest, value, override, here)
+    return out
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _plain(value: Any) -> Any:
+    """Config values as the plain data YAML gives (dataclasses as dicts)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 _REF = re.compile(r"\$\{([a-zA-Z_][\w.]*)\}")
@@ -727,7 +818,14 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     for override in overrides:
         data = _apply_override(data, override)
     cfg = _build(Config, data, "")
-    _interpolate(cfg)
+    if cfg.run.smoke:
+        from clipline import smoke  # the shrinking rules, kept out of the schema
+
+        changes = smoke.shrink_settings(cfg)
+        _interpolate(cfg)
+        smoke.report(changes + smoke.shrink_model(cfg))
+    else:
+        _interpolate(cfg)
     cfg.validate()
     return cfg
 

@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from clipline.errors import UsageError
+from clipline.precision import autocast, resolve_precision
 
 
 class ClipScorer:
-    def __init__(self, model: str, pretrained: str = "", device: str = "cpu", batch_size: int = 256):
+    def __init__(self, model: str, pretrained: str = "", device: str = "cpu", batch_size: int = 256,
+                 precision: str = "auto"):
         from clipline.checkpoint import resolve_checkpoint
         from clipline.models import load_checkpoint_model, register_architecture
 
@@ -27,6 +29,9 @@ class ClipScorer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.precision_choice = resolve_precision(precision, self.device)
+        self.precision = self.precision_choice.precision
+        print(f"[prep] CLIP score: {self.precision_choice.line()}", flush=True)
         try:
             if Path(model).is_dir():
                 folder = Path(model) if (Path(model) / "open_clip_config.json").is_file() else resolve_checkpoint(model)
@@ -53,9 +58,10 @@ class ClipScorer:
     def _encode(self, images: list[bytes], captions: list[str]) -> np.ndarray:
         pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
         tokens = self.tokenizer(captions)
-        with torch.inference_mode():
-            img = self.model.encode_image(pixels.to(self.device), normalize=True).float()
-            txt = self.model.encode_text(tokens.to(self.device), normalize=True).float()
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            img = self.model.encode_image(pixels.to(self.device), normalize=True)
+            txt = self.model.encode_text(tokens.to(self.device), normalize=True)
+        img, txt = img.float(), txt.float()  # the score in fp32 whatever the encoders ran in
         return (img * txt).sum(dim=-1).cpu().numpy()
 
     def scores(self, images: list[bytes], captions: list[str]) -> np.ndarray:

@@ -177,7 +177,8 @@ class SampleFilters:
         if f.clip_model:
             from data_prep.clip_score import ClipScorer
 
-            self._scorer = ClipScorer(f.clip_model, f.clip_pretrained, f.clip_device, f.clip_batch_size)
+            self._scorer = ClipScorer(f.clip_model, f.clip_pretrained, f.clip_device, f.clip_batch_size,
+                                      precision=f.clip_precision)
         self.deferred = f.clip_keep_fraction is not None
         """A CLIP top fraction: apply_deferred() decides once every shard has been scored."""
 

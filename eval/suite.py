@@ -3,6 +3,7 @@ results.csv and results.md (with several checkpoints of a run: a table and plots
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -14,6 +15,7 @@ from clipline.config import Config, EvalConfig, EvalDatasetConfig, LinearProbeCo
 from clipline.dist import pick_device
 from clipline.errors import UsageError
 from clipline.models import ModelBundle
+from clipline.precision import PrecisionChoice, resolve_precision
 from eval.checkpoints import Checkpoint, expand_checkpoints, load_model
 from eval.datasets import EvalSplit, SplitCache, load_split, resolve_templates
 from eval.linear_probe import holdout_split, linear_probe
@@ -42,16 +44,21 @@ class EvalContext:
     device: torch.device
     batch_size: int = 256
     precision: str = "fp32"
+    """Concrete: fp32, bf16 or fp16."""
     workers: int = 0
     progress: bool = False
     probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     splits: SplitCache = field(default_factory=SplitCache)
     features: dict = field(default_factory=dict)
     """images_key -> (features, ok) for the current model; cleared when the model changes."""
+    precision_choice: PrecisionChoice | None = None
+    """How precision was chosen (eval.precision may be 'auto')."""
 
     @classmethod
     def from_config(cls, cfg: EvalConfig, device: torch.device) -> "EvalContext":
-        return cls(device, cfg.batch_size, cfg.precision, cfg.workers, cfg.progress, cfg.linear_probe)
+        choice = resolve_precision(cfg.precision, device)
+        return cls(device, cfg.batch_size, choice.precision, cfg.workers, cfg.progress, cfg.linear_probe,
+                   precision_choice=choice)
 
 
 def run_suite(cfg: EvalConfig) -> list[dict]:
@@ -59,10 +66,14 @@ def run_suite(cfg: EvalConfig) -> list[dict]:
         raise UsageError("eval.datasets is empty: list the datasets to evaluate (see configs/demo.yaml)")
     checkpoints = expand_checkpoints(cfg)
     ctx = EvalContext.from_config(cfg, pick_device(cfg.device, 0))
+    _say(ctx.precision_choice.line())
     records: list[dict] = []
     for ckpt in checkpoints:
         records += evaluate_checkpoint(ckpt, cfg.datasets, ctx)
-    plots = write_results(cfg, records)
+    for r in records:  # results.json says what the numbers were computed in, and whether auto chose it
+        r.update(precision=ctx.precision, precision_requested=cfg.precision)
+    # The saved config holds the concrete precision, as the trainer's does.
+    plots = write_results(dataclasses.replace(cfg, precision=ctx.precision), records)
     if plots:
         _say(f"plots over training steps: {', '.join(str(p) for p in plots)}")
     return records
@@ -118,7 +129,8 @@ def _image_features(bundle: ModelBundle, split: EvalSplit, ctx: EvalContext) -> 
     if split.images_key not in ctx.features:
         ctx.features[split.images_key] = encode_images(
             bundle.model, bundle.preprocess_val, split.refs, ctx.device, ctx.batch_size, indexed=split.indexed,
-            workers=ctx.workers, precision=ctx.precision, progress=ctx.progress, desc=split.name)
+            workers=ctx.workers, precision=ctx.precision, progress=ctx.progress,
+            desc=split.name.split(" (")[0])  # "eval dataset 'NAME'": the bar keeps the terminal's width
     feats, ok = ctx.features[split.images_key]
     if not ok.any():
         raise UsageError(f"{split.name}: none of its {len(ok)} images could be read (see the warnings above)")

@@ -3,23 +3,14 @@ returned in fp32 and L2-normalised) and zero-shot classifiers from class names x
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from clipline.precision import autocast
 from eval.images import ImageDataset, ImageRef, collate_images, model_threads, resolve_workers
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device | str, precision: str = "fp32"):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=_DTYPES[precision])
 
 
 def _progress(total: int, desc: str, enabled: bool):

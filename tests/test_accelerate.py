@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def train_args(out: Path, shards: Path) -> list[str]:
     return ["-m", "clipline", "train", DEMO, TINY, f"run.output_dir={out}", f"train.data={shards}",
-            f"train.steps={STEPS}", f"train.save_every={STEPS}",
+            f"train.steps={STEPS}", f"train.save_every={STEPS}", "train.precision=fp32",
             # The default thread count follows the processes per machine (1 each here on one machine, 2 on each of
             # two): pin it, since bitwise equality needs the same float reduction order.
             "train.threads=1"]

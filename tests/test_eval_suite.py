@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
+from clipline import precision
 from clipline.errors import UsageError
 from conftest import TINY_MODEL, run_cli
 from eval.suite import run_suite
 from test_eval_datasets import (DIGIT_NAMES, DIGIT_TEMPLATES, by_key, digits, random_checkpoint, suite_config,
                                 write_digits_wds)
+from test_precision import observed_dtypes
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +149,37 @@ def _tensor(out):
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _suite_observed(tmp_path, checkpoint, datasets, **keys) -> tuple[dict, set]:
+    """The records of a suite run and the (module type, output dtype) pairs its forwards produced."""
+    with observed_dtypes() as seen:
+        records = by_key(run_suite(suite_config(tmp_path, checkpoint, datasets, **keys)))
+    return records, seen
+
+
 def test_bf16_autocast_runs_and_stays_close(tmp_path, run_folder, digits_wds):
     step4 = run_folder / "checkpoints" / "step_00000004"
     datasets = [{"name": "digits", "path": str(digits_wds)}]
-    fp32 = by_key(run_suite(suite_config(tmp_path / "a", step4, datasets)))
-    bf16 = by_key(run_suite(suite_config(tmp_path / "b", step4, datasets, precision="bf16")))
-    assert abs(bf16[("digits", "top5")]["value"] - fp32[("digits", "top5")]["value"]) < 0.15
-    assert 0 <= bf16[("digits", "top1")]["value"] <= 1
+    fp32, seen32 = _suite_observed(tmp_path / "a", step4, datasets)
+    bf16, seen16 = _suite_observed(tmp_path / "b", step4, datasets, precision="bf16")
+    # eval.precision reaches both encoders: bf16 convolutions (image tower) and linears (text tower) under bf16
+    # only; a suite that ignored it would run both in fp32.
+    for layer in ("Conv2d", "Linear"):
+        assert (layer, torch.bfloat16) in seen16 and (layer, torch.bfloat16) not in seen32, layer
+    assert (bf16[("digits", "top1")]["precision"], fp32[("digits", "top1")]["precision"]) == ("bf16", "fp32")
+    # and bf16 rounding moves the headline metrics little
+    for metric in ("top1", "top5", "mean_per_class_recall"):
+        assert abs(bf16[("digits", metric)]["value"] - fp32[("digits", metric)]["value"]) < 0.15, metric
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_follows_the_hardware_and_is_saved(tmp_path, run_folder, digits_wds, monkeypatch, capsys,
+                                                          native, expected):
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: (native, "patched"))
+    step4 = run_folder / "checkpoints" / "step_00000004"
+    records, seen = _suite_observed(tmp_path, step4, [{"name": "digits", "path": str(digits_wds)}],
+                                    precision="auto")
+    assert f"[eval] precision auto -> {expected} (patched)" in capsys.readouterr().err
+    assert (("Conv2d", torch.bfloat16) in seen) == native
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {(r["precision"], r["precision_requested"]) for r in saved} == {(expected, "auto")}
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["precision"] == expected

@@ -147,12 +147,12 @@ def test_clip_score_filter_keeps_the_top_fraction_and_records_scores(corpus, tmp
     from data_prep.clip_score import ClipScorer
 
     f = dict(clip_model=str(TINY_MODEL), clip_pretrained=tiny_clip, clip_batch_size=7, exact_dedup=False,
-             drop_boilerplate=False)
+             drop_boilerplate=False, clip_precision="fp32")
     top = run_prep(PrepConfig(input_shards=str(corpus["train"]), output_dir=str(tmp_path / "top"),
                               filters=PrepFilterConfig(clip_keep_fraction=0.5, **f)))
     assert _funnel(top)[-2] == ("CLIP score", 14, {"below_clip_top_fraction": 13})  # round(0.5 * 27) kept
     written = _read(tmp_path / "top")
-    scorer = ClipScorer(str(TINY_MODEL), tiny_clip)
+    scorer = ClipScorer(str(TINY_MODEL), tiny_clip, precision="fp32")
     recomputed = scorer.scores([s["jpg"] for s in written], [s["txt"] for s in written])
     assert np.allclose(recomputed, [s["meta"]["clip_score"] for s in written], atol=1e-5)
 
@@ -225,6 +225,6 @@ def test_clip_scorer_loads_a_training_run_folder(tmp_path, tiny_clip):
     (folder / MARKER).write_text("")
     samples = make_samples(3, seed=5, image_size=48)
     images, captions = [s["jpg"] for s in samples], [s["txt"] for s in samples]
-    from_run = ClipScorer(str(tmp_path / "run")).scores(images, captions)
-    from_file = ClipScorer(str(TINY_MODEL), tiny_clip).scores(images, captions)
+    from_run = ClipScorer(str(tmp_path / "run"), precision="fp32").scores(images, captions)
+    from_file = ClipScorer(str(TINY_MODEL), tiny_clip, precision="fp32").scores(images, captions)
     assert np.allclose(from_run, from_file, atol=1e-5) and np.all(np.abs(from_run) <= 1.0)

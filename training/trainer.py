@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -30,10 +30,12 @@ from clipline.dist import (DistEnv, cleanup_distributed, cores_per_process, init
                            threads_beside)
 from clipline.errors import UsageError
 from clipline.io import atomic_write_text
+from clipline.precision import autocast, resolve_precision
 from clipline.models import (ModelBundle, create_model, has_lora, load_model_weights, lora_state_dict,
                              open_clip_folder_config, save_model_weights)
 from clipline.shards import dataset_size, list_shards
 from training.augment import CropSpec, Normalizer, RandomCropDecoder, SimCLRViewsDecoder, pil_decoder
+from training.curves import CurveWriter
 from training.data import Batch, ShardStream, StreamState, make_loader
 from training.loss import contrastive_loss, siglip_loss, tiled_contrastive_loss, tiled_siglip_loss
 from training.objectives import (FeatureQueue, ProjectionHead, SLIPModel, all_gather_no_grad, itc_distill_loss,
@@ -153,6 +155,10 @@ class Trainer:
     """Owns the model, optimizer, data position and counters; ``train()`` is the loop."""
 
     def __init__(self, cfg: Config, env: DistEnv):
+        self.precision = resolve_precision(cfg.train.precision, env.device)
+        print0(self.precision.line())
+        # The resolved config (run folder, checkpoints, wandb) holds the precision the run uses, not 'auto'.
+        cfg = replace(cfg, train=replace(cfg.train, precision=self.precision.precision))
         self.cfg, self.tc, self.env = cfg, cfg.train, env
         per_rank, rem = divmod(self.tc.global_batch_size, env.world_size * self.tc.accum_steps)
         if rem or per_rank == 0:
@@ -271,9 +277,15 @@ class Trainer:
         return {**extra, **self._weights_beside_open_clip(), "step": self.step, "samples_seen": self.samples_seen,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "world_size": self.env.world_size, "streams": self.n_streams,
-                "micro_batch": self.micro_batch, "lr_schedule": {"lr": self.tc.lr, "warmup": self.tc.warmup_steps,
-                                                                  "steps": self.tc.steps},
+                "micro_batch": self.micro_batch, "precision": self.precision.record(),
+                "lr_schedule": {"lr": self.tc.lr, "warmup": self.tc.warmup_steps, "steps": self.tc.steps},
                 "data": [e["data"] for e in every], "rng": [e["rng"] for e in every]}
+
+    def resolved_config_yaml(self) -> str:
+        """The config as this run uses it; under train.precision=auto a header line says what auto chose and why."""
+        p = self.precision
+        head = f"# train.precision: auto -> {p.precision} ({p.reason})\n" if p.requested == "auto" else ""
+        return head + config_to_yaml(self.cfg)
 
     def save(self) -> None:
         state = self._train_state()  # collective: every rank takes part
@@ -283,7 +295,7 @@ class Trainer:
                 "open_clip_config.json": lambda p: p.write_text(json.dumps(folder_cfg, indent=2)),
                 WEIGHTS: lambda p: save_model_weights(self.model, p),
                 TRAIN_STATE: lambda p: torch.save(state, p),
-                "config.yaml": lambda p: p.write_text(config_to_yaml(self.cfg)),
+                "config.yaml": lambda p: p.write_text(self.resolved_config_yaml()),
             })
             prune_checkpoints(self.ckpt_dir, self.tc.keep_last)
             print0(f"saved {path}")
@@ -329,10 +341,7 @@ class Trainer:
         return SimCLRViewsDecoder(spec) if self.tc.simclr_weight else RandomCropDecoder(spec)
 
     def _autocast(self):
-        if self.tc.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
-        return torch.autocast(self.env.device.type, dtype=dtype)
+        return autocast(self.env.device, self.tc.precision)
 
     def _features(self, batch: Batch, images: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(image features, text features), then under SLIP the (B, 2, d) SimCLR embeddings of the two views.
@@ -502,23 +511,39 @@ class Trainer:
     def _prepare_run_folder(self) -> None:
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml", config_to_yaml(self.cfg))
+            atomic_write_text(self.out / "config.yaml", self.resolved_config_yaml())
             metrics = self.out / "metrics.jsonl"
             if metrics.is_file():  # drop lines logged after the checkpoint we resumed from: they are redone
                 kept = [ln for ln in metrics.read_text().splitlines()
                         if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
                 atomic_write_text(metrics, "".join(k + "\n" for k in kept))
 
+    def _check_eval_datasets(self) -> None:
+        """With in-loop eval on, every eval dataset must be on disk before step 1, not found missing at the first
+        eval hours later."""
+        if not (self.tc.eval_every and self.env.is_main):
+            return
+        from eval.datasets import check_dataset
+
+        for ds in self.cfg.eval.datasets:
+            try:
+                check_dataset(ds)
+            except UsageError as e:
+                raise UsageError(f"{e} (train.eval_every={self.tc.eval_every} evaluates it during training; "
+                                 f"fix the path or set train.eval_every=0)") from None
+
     def _evaluate(self) -> dict:
         """Zero-shot eval of the current weights on the eval section's datasets, through eval's public API."""
-        from eval.suite import evaluate_dataset
+        from eval.suite import EvalContext, evaluate_dataset
 
         results = {}
         if self.env.is_main and self.cfg.eval.datasets:
             self.model.eval()
+            ctx = EvalContext(self.env.device, self.cfg.eval.batch_size,
+                              resolve_precision(self.cfg.eval.precision, self.env.device).precision)
             try:
                 for ds in self.cfg.eval.datasets:
-                    for r in evaluate_dataset(self.bundle, ds, self.env.device, self.cfg.eval.batch_size):
+                    for r in evaluate_dataset(self.bundle, ds, self.env.device, self.cfg.eval.batch_size, ctx=ctx):
                         if not r["metric"].startswith("recall["):
                             results[f"eval/{ds.name}/{r['metric']}"] = r["value"]
             finally:
@@ -530,6 +555,7 @@ class Trainer:
     def train(self) -> bool:
         """Train to train.steps; False when stopped early by a signal (after writing a checkpoint)."""
         self._prepare_run_folder()
+        self._check_eval_datasets()
         if self.step >= self.tc.steps:
             print0(f"already trained: step {self.step} >= train.steps={self.tc.steps}")
             return True
@@ -543,6 +569,8 @@ class Trainer:
             asdict(self.cfg))), self.env)
         metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
         progress = Progress(self.tc.steps, self.step, enabled=self.env.is_main)
+        curves = CurveWriter(self.out, enabled=self.env.is_main and self.tc.curves_every_s > 0,
+                             min_interval_s=self.tc.curves_every_s)
         window_start, window_samples, skipped = time.perf_counter(), 0, {}
         batches = iter(self._loader())
         self.net.train()
@@ -569,7 +597,9 @@ class Trainer:
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
+                        curves.update()  # at most once per train.curves_every_s
                     wandb_run.log(record, step=self.step)
+                    progress.show(record)
                     progress.write(f"step {self.step}/{self.tc.steps} loss {record['loss']:.4f} "
                                    f"lr {record['lr']:.2e} scale {record['logit_scale']:.1f} "
                                    f"{record['samples_per_s']:.0f} samples/s")
@@ -583,9 +613,14 @@ class Trainer:
                     print0(f"stopped by signal at step {self.step}; checkpoint written, resume continues from it")
                     return False
         finally:
+            # Stop the loader's workers now. They ignore SIGTERM (training.data._ignore_stop_signals), so if the
+            # iterator outlived this call, multiprocessing's exit handler would terminate() them to no effect and
+            # join them forever: the process hung after its last checkpoint.
+            getattr(batches, "_shutdown_workers", lambda: None)()
             progress.close()
             if metrics is not None:
                 metrics.close()
+                curves.update(final=True)
             wandb_run.finish()
         return True
 
@@ -596,14 +631,27 @@ class Progress:
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         self.enabled = enabled
+        self._redirects = contextlib.ExitStack()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib import DummyTqdmFile
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+            # print0 (checkpoint saved, ...) and log records go above the bar, not glued to its line: through the
+            # bar's own stream, the one tqdm clears before writing (both are the terminal)
+            self._redirects.enter_context(contextlib.redirect_stdout(DummyTqdmFile(sys.stderr)))
+            self._redirects.enter_context(logging_redirect_tqdm())
 
     def update(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
+
+    def show(self, record: dict) -> None:
+        """The last logged loss and throughput beside the bar."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {record['loss']:.4f}, {record['samples_per_s']:.0f} samples/s",
+                                     refresh=False)
 
     def write(self, line: str) -> None:
         if self.bar is not None:
@@ -612,5 +660,6 @@ class Progress:
             print(line, flush=True)
 
     def close(self) -> None:
+        self._redirects.close()
         if self.bar is not None:
             self.bar.close()
