@@ -13,9 +13,11 @@ Layout of one checkpoint (it is also a valid open_clip ``local-dir:`` model fold
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -120,6 +122,8 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint folder, a ``checkpoints/`` folder, or a training run folder; return one checkpoint."""
     p = Path(path)
+    if p.is_file():
+        raise UsageError(_file_is_no_checkpoint(p))
     if (p / MARKER).is_file():
         return p
     for candidate in (p / "checkpoints", p):
@@ -131,3 +135,70 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 f"being written; use an earlier step")
     raise FileNotFoundError(f"no complete checkpoint found at {p}: pass a checkpoint folder (step_NNNNNNNN) or a "
                             f"training run folder that has checkpoints/")
+
+
+def _file_is_no_checkpoint(path: Path) -> str:
+    problem = weights_file_problem(path)
+    if problem:
+        return f"cannot resume from {path}: it is a file, and truncated or corrupt ({problem})"
+    saved = None
+    if path.suffix in (".pt", ".pth"):
+        try:  # mmap: only the keys are needed, not gigabytes of optimizer state
+            import torch
+
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  (any file torch cannot read is simply not an open_clip checkpoint)
+            saved = None
+    if isinstance(saved, dict) and "state_dict" in saved and ("epoch" in saved or "optimizer" in saved):
+        name = saved.get("name", "")
+        return (f"cannot resume from {path}: it is an open_clip_train checkpoint (epoch {saved.get('epoch', '?')}"
+                f"{', ' + name if name else ''}), and an open_clip run cannot be resumed exactly (it stores no data "
+                f"position); to start from its weights, set model.pretrained={path}"
+                f"{f' (with model.name={name})' if name else ''} and leave train.resume at auto")
+    return (f"cannot resume from {path}: it is a file; resume takes a clipline checkpoint folder (step_NNNNNNNN) or a "
+            f"training run folder; to start from a weights file, set model.pretrained={path}")
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """Why a weights file cannot be whole (cut short, or not a weights file at all), found from its header and
+    size without loading it; None when it looks whole. Checks safetensors files and torch.save's zip format;
+    legacy pickle files cannot be checked this cheaply."""
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if p.suffix == ".safetensors":
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return f"its header announces {n} bytes of metadata, the file has {size} bytes"
+            try:
+                meta = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                return "its safetensors header is not valid"
+            if 8 + n + end > size:
+                return f"{size} bytes where its header describes {8 + n + end}"
+            return None
+    if head.startswith(b"PK"):  # torch.save's zip: cut short, it loses the central directory at its end
+        try:
+            with zipfile.ZipFile(p):
+                return None
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"a zip archive (torch.save's format) that cannot be opened: {e}"
+    if not head:
+        return "the file is empty"
+    if p.suffix in (".pt", ".pth", ".bin") and not head.startswith(b"\x80"):  # nor a pickle either
+        return f"neither torch.save's zip nor pickle format (it starts with {head[:8]!r})"
+    return None
+
+
+def check_weights_file(path: str | Path, what: str = "weights file") -> None:
+    """Raise a UsageError naming ``path`` when it is truncated or corrupt (see weights_file_problem)."""
+    problem = weights_file_problem(path)
+    if problem:
+        raise UsageError(f"{what} {path} is truncated or corrupt ({problem}); copy or download it again")

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from clipline.checkpoint import check_weights_file
 from clipline.config import ModelConfig
 from clipline.errors import UsageError
 
@@ -67,18 +68,23 @@ OBJECTIVE_INIT = {"clip": (math.log(1 / 0.07), None), "siglip": (math.log(10), -
 """(initial log logit scale, initial logit bias) per objective, as in the CLIP and SigLIP papers."""
 
 
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors")
+"""The weights file of an open_clip model folder, in the order open_clip looks for them."""
+
+
 def _pretrained_file(path: str) -> str | None:
-    """A weights file, or the weights inside a checkpoint / open_clip model folder."""
+    """A weights file, or the weights inside a checkpoint / open_clip model folder (checked to be whole)."""
     if not path:
         return None
     p = Path(path)
     if p.is_dir():
-        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
-            if (p / name).is_file():
-                return str(p / name)
-        raise FileNotFoundError(f"model.pretrained folder {p} holds no open_clip weights file")
-    if not p.is_file():
+        found = next((p / name for name in WEIGHT_FILES if (p / name).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"model.pretrained folder {p} holds no open_clip weights file")
+        p = found
+    elif not p.is_file():
         raise FileNotFoundError(f"model.pretrained weights file not found: {p}")
+    check_weights_file(p, "model.pretrained weights file")
     return str(p)
 
 
@@ -134,6 +140,11 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: torch.device | str
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} has no open_clip_config.json: not a clipline checkpoint or open_clip "
                                 f"model folder")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                 "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth"):  # the first one open_clip reads
+        if (folder / name).is_file():
+            check_weights_file(folder / name, "checkpoint weights file")
+            break
     arch = f"local-dir:{folder}"
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         arch, device=device, output_dict=True)

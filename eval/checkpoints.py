@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from clipline.checkpoint import MARKER, list_checkpoints, resolve_checkpoint
+from clipline.checkpoint import MARKER, check_weights_file, list_checkpoints, resolve_checkpoint
 from clipline.config import EvalConfig
 from clipline.errors import UsageError
 from clipline.models import ModelBundle, load_checkpoint_model, register_architecture
@@ -105,6 +105,9 @@ def load_model(ckpt: Checkpoint, device: torch.device | str) -> ModelBundle:
         # open_clip reports weights of another architecture as a RuntimeError from load_state_dict, or as an
         # AssertionError when it resizes position embeddings first.
         detail = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:3])[:400]
+        if any(k in str(e) for k in _CORRUPT_SIGNS) or isinstance(e, EOFError):
+            raise UsageError(f"checkpoint {ckpt.label}: a weights file is truncated or corrupt ({type(e).__name__}: "
+                             f"{detail}); copy or download it again") from None
         if any(k in str(e) for k in ("size mismatch", "Missing key", "Unexpected key", "shape", "changed")):
             raise UsageError(f"checkpoint {ckpt.label}: its weights do not fit the architecture it names "
                              f"({detail}); use a checkpoint of that architecture, or name the architecture the "
@@ -114,9 +117,15 @@ def load_model(ckpt: Checkpoint, device: torch.device | str) -> ModelBundle:
     return bundle
 
 
+_CORRUPT_SIGNS = ("PytorchStreamReader", "central directory", "deserializing header", "Ran out of input",
+                  "incomplete metadata", "MetadataIncompleteBuffer", "unexpected EOF", "might be corrupted")
+"""What torch and safetensors say about a file cut short, when the header check could not tell beforehand."""
+
+
 def _load_open_clip_weights(ckpt: Checkpoint, device) -> ModelBundle:
     import open_clip
 
+    check_weights_file(ckpt.path, f"checkpoint {ckpt.label}: weights file")
     try:
         arch = register_architecture(ckpt.arch)
     except (FileNotFoundError, ValueError) as e:
@@ -167,6 +176,9 @@ class HFTokenizer:
 def _load_hf_clip(folder: str, device) -> ModelBundle:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (Path(folder) / name).is_file():
+            check_weights_file(Path(folder) / name, f"checkpoint {folder}: weights file")
     model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device)
     processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -1,5 +1,6 @@
 """Eval splits read from disk, in every supported layout: clipline shards, CLIP_benchmark's webdataset layout,
-ImageFolder trees, CSV/TSV files and torchvision datasets. Nothing is downloaded.
+ImageFolder trees, CSV/TSV files, torchvision datasets, and caption files beside an images folder (Flickr's and
+COCO's, as CLIP_benchmark reads them with --dataset_root and --annotation_file). Nothing is downloaded.
 
 A split is a list of image references (read lazily, see eval.images) with one label or a list of captions per
 image, plus the class names and templates stored with the data. Labels of images that cannot be used are -1,
@@ -8,11 +9,13 @@ so that image features, computed once per split and shared by every dataset entr
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
 import re
 import tarfile
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,11 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 NAMED_SPLIT_FORMATS = ("clip_benchmark_wds", "torchvision")
+CAPTION_FILE_FORMATS = ("flickr", "coco_captions")
+"""Retrieval sets stored as an images folder plus an annotation file."""
+CLIP_BENCHMARK_ANNOTATIONS = {"flickr30k_{split}_karpathy.txt": "flickr", "flickr8k_{split}_karpathy.txt": "flickr",
+                              "coco_{split}_karpathy.json": "coco_captions"}
+"""The annotation file names CLIP_benchmark looks for in --dataset_root when --annotation_file is not given."""
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "eval"
 """Template and class-name files shipped with clipline, found by bare name (e.g. templates_file: imagenet)."""
 
@@ -90,9 +98,13 @@ def load_split(ds: EvalDatasetConfig, role: str = "test", cache: SplitCache | No
     if ds.task == "retrieval" and fmt in ("imagefolder", "torchvision"):
         raise UsageError(f"{where}: retrieval needs captions, which a {fmt} dataset does not have (use shards, "
                          f"clip_benchmark_wds or a CSV with a caption column)")
+    if ds.task != "retrieval" and fmt in CAPTION_FILE_FORMATS:
+        raise UsageError(f"{where}: a {fmt} annotation file holds captions, not labels; set task: retrieval")
     key = (fmt, str(root), split, ds.torchvision_class)
     if fmt == "csv":  # what a CSV scan holds depends on its columns and task
         key += (ds.image_field, ds.caption_field if ds.task == "retrieval" else ds.label_field or "label")
+    if fmt in CAPTION_FILE_FORMATS:
+        key += (ds.annotation_file,)
     scan = cache.get(key, lambda: _SCANNERS[fmt](ds, root, split, where))
     out = EvalSplit(name=where, refs=scan.refs, images_key=key, indexed=scan.indexed,
                     skipped=Counter(scan.skipped), templates=scan.templates)
@@ -106,6 +118,16 @@ def load_split(ds: EvalDatasetConfig, role: str = "test", cache: SplitCache | No
         raise UsageError(f"{where} has no usable samples (skipped: {dict(out.skipped) or 'none'})"
                          + _no_samples_hint(ds, fmt))
     return out
+
+
+def check_dataset(ds: EvalDatasetConfig) -> str:
+    """The format of ``ds``'s test split, found without reading its samples: a UsageError when its path is missing,
+    empty or of no known layout (cheap enough to run before a long job starts)."""
+    root, split = _location(ds, "test")
+    if "{" not in root and not Path(root).exists():
+        raise UsageError(f"eval dataset {ds.name!r}: {root} does not exist (set path to the dataset's folder or "
+                         f"file; nothing is downloaded)")
+    return detect_format(ds, root, split)
 
 
 def _location(ds: EvalDatasetConfig, role: str) -> tuple[str, str]:
@@ -131,7 +153,7 @@ def _default_split(ds: EvalDatasetConfig, fmt: str, role: str, root: str, split:
 
 def _no_samples_hint(ds: EvalDatasetConfig, fmt: str) -> str:
     if ds.task == "retrieval":
-        return "; retrieval needs captions (.txt in shards, caption_field in a CSV)"
+        return "; retrieval needs captions (.txt in shards, caption_field in a CSV, or an annotation_file)"
     if fmt == "shards":
         return f"; check that label_field {ds.label_field!r} holds one of the classnames or label_values"
     return "; check that the labels match the class names"
@@ -142,9 +164,16 @@ def detect_format(ds: EvalDatasetConfig, root: str, split: str) -> str:
         return ds.format
     if ds.torchvision_class:
         return "torchvision"
+    annotations = annotation_file(ds, root, split)
+    if annotations is not None:
+        return _annotation_format(ds, annotations)
     p = Path(root)
     if p.suffix.lower() in (".csv", ".tsv") and p.is_file():
         return "csv"
+    here = p / split if split else p
+    if p.is_dir() and not any(p.iterdir()) or here.is_dir() and not any(here.iterdir()):
+        raise UsageError(f"eval dataset {ds.name!r}: {here if here.is_dir() else p} is empty: set path to the "
+                         f"folder that holds the dataset's files")
     if p.is_dir():
         if any((p / f).is_file() for f in ("classnames.txt", "dataset_type.txt",
                                             "zeroshot_classification_templates.txt")) \
@@ -161,7 +190,34 @@ def detect_format(ds: EvalDatasetConfig, root: str, split: str) -> str:
         raise UsageError(f"eval dataset {ds.name!r}: {root} does not exist (set path to the dataset's folder or "
                          f"file; nothing is downloaded)")
     raise UsageError(f"eval dataset {ds.name!r}: cannot tell the format of {root}; set format to one of shards, "
-                     f"clip_benchmark_wds, imagefolder, csv, torchvision")
+                     f"clip_benchmark_wds, imagefolder, csv, torchvision, flickr, coco_captions (the last two "
+                     f"with annotation_file)")
+
+
+def annotation_file(ds: EvalDatasetConfig, root: str, split: str) -> Path | None:
+    """annotation_file, else the one file in root named as CLIP_benchmark names it by default, else None."""
+    if ds.annotation_file:
+        path = Path(ds.annotation_file)
+        if not path.is_file():
+            raise UsageError(f"eval dataset {ds.name!r}: annotation_file {path} not found")
+        return path
+    if ds.format not in ("auto", *CAPTION_FILE_FORMATS) or not Path(root).is_dir():
+        return None
+    found = [Path(root) / name.format(split=split or "test") for name, fmt in CLIP_BENCHMARK_ANNOTATIONS.items()
+             if ds.format in ("auto", fmt) and (Path(root) / name.format(split=split or "test")).is_file()]
+    if len(found) > 1:
+        raise UsageError(f"eval dataset {ds.name!r}: {root} holds {found[0].name} and {found[1].name}; set "
+                         f"annotation_file to the one to evaluate")
+    return found[0] if found else None
+
+
+def _annotation_format(ds: EvalDatasetConfig, path: Path) -> str:
+    if path.suffix.lower() != ".json":
+        return "flickr"
+    data = _read_json(path, f"eval dataset {ds.name!r}")
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return "coco_captions"
+    return "flickr"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,23 +334,22 @@ def _scan_imagefolder(ds: EvalDatasetConfig, root: str, split: str, where: str) 
 
 
 def _scan_csv(ds: EvalDatasetConfig, root: str, split: str, where: str) -> _Scan:
-    import pandas as pd
-
     path = Path(root)
     if split:
         raise UsageError(f"{where}: a CSV holds one split; point path (or train_path, val_path) at its file and "
                          f"leave the split empty")
     if not path.is_file():
         raise UsageError(f"{where}: file not found: {path}")
-    table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False)
+    columns, rows = read_table(path, where)
     target = ds.caption_field if ds.task == "retrieval" else (ds.label_field or "label")
     keys = {ds.image_field: "image_field", target: "caption_field" if ds.task == "retrieval" else "label_field"}
     for column, key in keys.items():
-        if column not in table.columns:
-            raise UsageError(f"{where}: no column {column!r}; set {key} to one of its columns {list(table.columns)}")
+        if column not in columns:
+            raise UsageError(f"{where}: no column {column!r}; set {key} to one of its columns {columns}")
+    image_col, target_col = columns.index(ds.image_field), columns.index(target)
     scan = _Scan([], [], Counter())
     position: dict[str, int] = {}
-    for image, value in zip(table[ds.image_field], table[target]):
+    for image, value in ((row[image_col], row[target_col]) for row in rows):
         ref = str((path.parent / image) if not Path(image).is_absolute() else Path(image))
         if ds.task == "retrieval":
             if ref not in position:  # several rows of one image are its several captions
@@ -307,6 +362,158 @@ def _scan_csv(ds: EvalDatasetConfig, root: str, split: str, where: str) -> _Scan
             scan.refs.append(ref)
             scan.metas.append(value.strip())
     return scan
+
+
+def read_table(path: Path, where: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a .csv (comma) or .tsv (tab) file; quoted fields may hold the separator.
+
+    A user's two-column `image,caption` file often leaves captions with commas unquoted: when the header has
+    exactly two columns, a longer row is split at its first separator only, so the extra separators go to the
+    last column. Any other row with the wrong number of fields is an error naming its line."""
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = next(reader, None)
+            if not header:
+                raise UsageError(f"{where}: {path} is empty (the first line must name the columns)")
+            rows = []
+            for row in reader:
+                if not row or row == [""]:
+                    continue
+                if len(row) > len(header) == 2:
+                    row = [row[0], sep.join(row[1:])]
+                if len(row) != len(header):
+                    raise UsageError(
+                        f"{where}: line {reader.line_num} of {path} has {len(row)} fields for the {len(header)} "
+                        f"columns {header}; put double quotes around a field that contains {sep!r}, e.g. "
+                        f"\"a red{sep} round thing\"")
+                rows.append(row)
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UsageError(f"{where}: cannot read {path} as {'TSV' if sep != ',' else 'CSV'}: {e}") from None
+    return header, rows
+
+
+def _scan_flickr(ds: EvalDatasetConfig, root: str, split: str, where: str) -> _Scan:
+    annotations = _require_annotation_file(ds, root, split, where)
+    if annotations.suffix.lower() == ".json":
+        pairs = _flickr_json(_read_json(annotations, where), split or "test", annotations, where)
+    else:
+        pairs = _flickr_text(annotations, where)
+    return _caption_file_scan(Path(root), pairs, annotations, where)
+
+
+def _flickr_text(path: Path, where: str) -> list[tuple[str, list[str]]]:
+    """CLIP_benchmark's flickr30k/flickr8k files (a header line, then IMAGE.jpg,CAPTION with commas left unquoted
+    in the caption) or a Flickr token file (IMAGE.jpg#N<TAB>CAPTION, no header)."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where}: cannot read the annotation file {path}: {e}") from None
+    captions: dict[str, list[str]] = defaultdict(list)
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if "\t" in line and "#" in line.split("\t", 1)[0]:  # token file: NAME#N<TAB>caption
+            image, caption = line.split("\t", 1)
+            image = image.rsplit("#", 1)[0]
+        else:
+            # As CLIP_benchmark splits: at '.jpg,' (captions contain commas), or the first comma otherwise.
+            head, dot, caption = line.partition(".jpg,")
+            image = head + ".jpg" if dot else None
+            if image is None:
+                image, comma, caption = line.partition(",")
+                if not comma:
+                    raise UsageError(f"{where}: line {number} of {path} is not IMAGE,CAPTION nor IMAGE#N<TAB>CAPTION:"
+                                     f" {line[:80]!r}")
+            if number == 1 and not image.lower().endswith(IMAGE_SUFFIXES):
+                continue  # the header line (image,caption)
+        captions[image.strip()].append(caption.strip())
+    return list(captions.items())
+
+
+def _flickr_json(data: Any, split: str, path: Path, where: str) -> list[tuple[str, list[str]]]:
+    """A list of {"image": ..., "caption": str or [str]} (BLIP/LAVIS), or Karpathy's dataset_*.json (images with
+    filename, split and sentences), of which only the split's images are kept."""
+    captions: dict[str, list[str]] = defaultdict(list)
+    try:
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            for im in data["images"]:
+                if im.get("split", split) == split:
+                    name = str(Path(im.get("filepath", "")) / im["filename"])
+                    captions[name] += [s["raw"].strip() for s in im["sentences"]]
+            if not captions:
+                raise UsageError(f"{where}: no images of split {split!r} in {path}; set split")
+        elif isinstance(data, list):
+            for entry in data:
+                caps = entry["caption"]
+                captions[entry["image"]] += [c.strip() for c in ([caps] if isinstance(caps, str) else caps)]
+        else:
+            raise TypeError("neither a list nor a dict with 'images'")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{where}: {path} is not a flickr annotation JSON (a list of {{\"image\": ..., "
+                         f"\"caption\": [...]}} or Karpathy's {{\"images\": [{{\"filename\", \"sentences\"}}]}}):"
+                         f" {type(e).__name__} {e}") from None
+    return list(captions.items())
+
+
+def _scan_coco_captions(ds: EvalDatasetConfig, root: str, split: str, where: str) -> _Scan:
+    """COCO's captions JSON read as torchvision's CocoCaptions (CLIP_benchmark's mscoco_captions) reads it: images
+    in id order, each with its captions in file order."""
+    annotations = _require_annotation_file(ds, root, split, where)
+    data = _read_json(annotations, where)
+    try:
+        names = {im["id"]: im["file_name"] for im in data["images"]}
+        captions: dict[Any, list[str]] = defaultdict(list)
+        for a in data["annotations"]:
+            captions[a["image_id"]].append(a["caption"].strip())
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{where}: {annotations} is not a COCO captions JSON (images with id and file_name, "
+                         f"annotations with image_id and caption): {type(e).__name__} {e}") from None
+    unknown = [i for i in captions if i not in names]
+    if unknown:
+        raise UsageError(f"{where}: {annotations} has captions of image_id {unknown[0]!r}, which its images list "
+                         f"lacks ({len(unknown)} such ids)")
+    pairs = [(names[i], captions.get(i, [])) for i in sorted(names)]
+    return _caption_file_scan(Path(root), pairs, annotations, where)
+
+
+def _require_annotation_file(ds: EvalDatasetConfig, root: str, split: str, where: str) -> Path:
+    path = annotation_file(ds, root, split)
+    if path is None:
+        defaults = [n.format(split=split or "test") for n, f in CLIP_BENCHMARK_ANNOTATIONS.items() if f == ds.format]
+        raise UsageError(f"{where}: set annotation_file, the captions file (none of {defaults} is in {root})")
+    return path
+
+
+def _caption_file_scan(root: Path, pairs: list[tuple[str, list[str]]], annotations: Path, where: str) -> _Scan:
+    """Images named in an annotation file, found under root or, as in CLIP_benchmark's COCO layout
+    (ROOT/val2014/...), under one of its subfolders. A missing image is an error."""
+    if not pairs:
+        raise UsageError(f"{where}: {annotations} names no images")
+    if not root.is_dir():
+        raise UsageError(f"{where}: {root} is not a folder (path must be the images folder, CLIP_benchmark's "
+                         f"--dataset_root)")
+    first = pairs[0][0]
+    folders = [root] + sorted(c for c in root.iterdir() if c.is_dir())
+    folder = next((f for f in folders if (f / first).is_file()), root)
+    refs = [str(folder / name) for name, _ in pairs]
+    missing = [r for r in refs if not os.path.isfile(r)]
+    if missing:
+        raise UsageError(f"{where}: {len(missing)} of the {len(refs)} images named in {annotations} are missing, "
+                         f"e.g. {missing[0]}; set path to the folder that holds them (CLIP_benchmark's "
+                         f"--dataset_root)")
+    if folder != root:
+        log.info("%s: images found in %s", where, folder)
+    return _Scan(refs, [[c for c in caps if c] for _, caps in pairs], Counter())
+
+
+def _read_json(path: Path, where: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{where}: cannot read {path} as JSON: {e}") from None
 
 
 def _scan_torchvision(ds: EvalDatasetConfig, root: str, split: str, where: str) -> _Scan:
@@ -350,7 +557,8 @@ def _torchvision_targets(dataset) -> list[int]:
 
 
 _SCANNERS = {"shards": _scan_shards, "clip_benchmark_wds": _scan_clip_benchmark_wds,
-             "imagefolder": _scan_imagefolder, "csv": _scan_csv, "torchvision": _scan_torchvision}
+             "imagefolder": _scan_imagefolder, "csv": _scan_csv, "torchvision": _scan_torchvision,
+             "flickr": _scan_flickr, "coco_captions": _scan_coco_captions}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,6 +618,11 @@ def _labels(ds: EvalDatasetConfig, fmt: str, scan: _Scan, out: EvalSplit, where:
         index = {str(v): i for i, v in enumerate(ds.label_values or classnames)}
         labels = [index.get(str(v), -1) if v is not None else -1 for v in values]
     else:
+        beyond = [v for v in values if v is not None and v >= len(classnames)]
+        if beyond:
+            raise UsageError(f"{where}: {len(classnames)} class names for labels up to {max(beyond)} "
+                             f"({len(beyond)} images have a label >= {len(classnames)}); give one name per class "
+                             f"(classnames, classnames_file or the dataset's classnames.txt)")
         labels = [v if v is not None and 0 <= v < len(classnames) else -1 for v in values]
     out.skipped["unknown_label"] += sum(1 for y in labels if y < 0)
     out.classnames, out.labels = _drop_blank_classes(classnames, labels, out.skipped, where)

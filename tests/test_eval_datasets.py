@@ -158,8 +158,10 @@ def write_mnist(root: Path, images, labels, train_images=None, train_labels=None
 
 def suite_config(tmp_path: Path, checkpoint, datasets: list[dict], **eval_keys) -> EvalConfig:
     ckpts = checkpoint if isinstance(checkpoint, list) else [checkpoint]
+    # fp32 unless a test asks otherwise: eval.precision=auto would make the numbers depend on the CPU.
     data = {"eval": {"checkpoints": [str(c) for c in ckpts], "output_dir": str(tmp_path / "out"),
-                     "batch_size": 64, "workers": 0, "progress": False, "datasets": datasets, **eval_keys}}
+                     "batch_size": 64, "workers": 0, "progress": False, "precision": "fp32", "datasets": datasets,
+                     **eval_keys}}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -314,8 +316,12 @@ def test_format_errors_name_the_fix(tmp_path):
     with pytest.raises(UsageError, match="does not exist.*nothing is downloaded"):
         load_split(EvalDatasetConfig(name="x", path=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="cannot tell the format.*set format"):
+    with pytest.raises(UsageError, match="empty is empty"):
         load_split(EvalDatasetConfig(name="x", path=str(tmp_path / "empty")))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "notes.md").write_text("x")
+    with pytest.raises(UsageError, match="cannot tell the format.*set format.*flickr, coco_captions"):
+        load_split(EvalDatasetConfig(name="x", path=str(tmp_path / "odd")))
     with pytest.raises(UsageError, match="could not open it.*nothing is downloaded"):
         load_split(EvalDatasetConfig(name="x", path=str(tmp_path / "empty"), format="torchvision",
                                      torchvision_class="MNIST", classnames=["a", "b"]))
