@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import shutil
 import threading
@@ -251,7 +252,11 @@ def filter_and_write(filters: SampleFilters, cfg: PrepConfig, shards: Iterable[s
     writer = ShardWriter(out, cfg.samples_per_shard)
     skipped: Counter = Counter()
     kept_parts, read = [], 0
-    for shard in progress(shards, n_shards, "filtering"):
+    # The bar starts with the first shard: while img2dataset downloads, shards arrive as it finishes them, and its
+    # start-up lines, printed by another process, would otherwise run into the bar's line.
+    shards = iter(shards)
+    first = next(shards, None)
+    for shard in progress(itertools.chain([first], shards) if first is not None else [], n_shards, "filtering"):
         start = time.perf_counter()
         features, samples = read_shard(shard, filters.needs_phash, skipped)
         read += len(features)

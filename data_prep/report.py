@@ -1,5 +1,6 @@
 """report.md and its plots: the funnel (listed -> downloaded -> after each filter -> written), the problems found
-in the list with examples, why downloads failed, and histograms of what was written (PNGs drawn with PIL)."""
+in the list with examples, why downloads failed, and histograms of what was written (the funnel drawn with PIL, the
+histograms with matplotlib)."""
 
 from __future__ import annotations
 
@@ -68,68 +69,70 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _bars_png(path: Path, title: str, labels: list[str], values: list[float], horizontal: bool,
-              x_caption: str = "") -> None:
-    """A plain bar chart drawn with PIL: no plotting library to install or import for three small figures."""
+def _funnel_png(path: Path, title: str, labels: list[str], values: list[float]) -> None:
+    """Horizontal bars drawn with PIL, one per stage, each labelled with its stage and count."""
     from PIL import Image, ImageDraw
 
     from clipline.io import atomic_write
 
     font, small = _font(14), _font(11)
     top = max(max(values, default=0), 1)
-    if horizontal:
-        left, row = 170, 26
-        width, height = 760, 50 + row * len(labels)
-        img = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(img)
-        draw.text((10, 8), title, fill="black", font=font)
-        span = width - left - 90
-        for i, (label, value) in enumerate(zip(labels, values)):
-            y = 40 + i * row
-            draw.text((10, y + 3), label[:24], fill="black", font=small)
-            draw.rectangle([left, y, left + max(1, int(span * value / top)), y + row - 6], fill="#4c72b0")
-            draw.text((left + int(span * value / top) + 6, y + 3), f"{value:g}", fill="black", font=small)
-    else:
-        left, bottom = 60, 40
-        width, height = 640, 320
-        img = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(img)
-        draw.text((10, 8), title, fill="black", font=font)
-        plot_h, plot_w = height - bottom - 40, width - left - 20
-        bar = plot_w / max(len(values), 1)
-        for i, value in enumerate(values):
-            h = int(plot_h * value / top)
-            draw.rectangle([left + i * bar, height - bottom - h, left + (i + 1) * bar - 1, height - bottom],
-                           fill="#55a868")
-        draw.line([left, height - bottom, width - 20, height - bottom], fill="black")
-        draw.line([left, 40, left, height - bottom], fill="black")
-        draw.text((5, 40), f"{top:g}", fill="black", font=small)
-        if labels:
-            draw.text((left, height - bottom + 4), labels[0], fill="black", font=small)
-            draw.text((width - 20 - 8 * len(labels[-1]), height - bottom + 4), labels[-1], fill="black", font=small)
-        draw.text((left + plot_w // 2 - 4 * len(x_caption), height - 18), x_caption, fill="black", font=small)
+    left, row = 170, 26
+    width, height = 760, 50 + row * len(labels)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, fill="black", font=font)
+    span = width - left - 90
+    for i, (label, value) in enumerate(zip(labels, values)):
+        y = 40 + i * row
+        draw.text((10, y + 3), label[:24], fill="black", font=small)
+        draw.rectangle([left, y, left + max(1, int(span * value / top)), y + row - 6], fill="#4c72b0")
+        draw.text((left + int(span * value / top) + 6, y + 3), f"{value:g}", fill="black", font=small)
     atomic_write(path, lambda p: img.save(p, format="PNG"))
 
 
-def _histogram(values: np.ndarray, bins: int) -> tuple[list[str], list[float]]:
+def _histogram_png(path: Path, title: str, values: np.ndarray, bins: int, xlabel: str) -> None:
+    """A histogram of integer values, with whole-number ticks on both axes and axis titles (matplotlib's Agg
+    canvas, no display). One bar per value while there are at most ``bins`` distinct values to span."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from clipline.io import atomic_write
+
     values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return [], []
-    counts, edges = np.histogram(values, bins=bins)
-    return [f"{edges[0]:g}", f"{edges[-1]:g}"], counts.tolist()
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    ax = fig.subplots()
+    if len(values):
+        low, high = float(values.min()), float(values.max())
+        edges = np.arange(low - 0.5, high + 1.5) if high - low < bins else bins
+        ax.hist(values, bins=edges, color="#55a868", edgecolor="white", linewidth=0.5)
+        if high - low < 10:  # e.g. every image the same size: whole-number ticks need some room around the bar
+            middle = (low + high) / 2
+            ax.set_xlim(middle - 6, middle + 6)
+        ax.axvline(float(np.median(values)), color="0.3", linestyle="--", linewidth=1,
+                   label=f"median {np.median(values):g}")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no samples written", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel("samples", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
 def write_plots(out: Path, funnel: list[dict], caption_words: np.ndarray, widths: np.ndarray,
                 heights: np.ndarray) -> list[str]:
     """The three PNGs beside report.md: the funnel, caption lengths and original image sizes of what was written."""
-    _bars_png(out / FUNNEL_PNG, "funnel: samples left after each stage", [s["stage"] for s in funnel],
-              [s["count"] for s in funnel], horizontal=True)
-    n_words = int(np.max(caption_words)) + 1 if len(caption_words) else 1
-    labels, counts = _histogram(caption_words, bins=min(50, max(5, n_words)))
-    _bars_png(out / CAPTIONS_PNG, "caption length of written samples (words)", labels, counts, horizontal=False,
-              x_caption="words")
+    _funnel_png(out / FUNNEL_PNG, "funnel: samples left after each stage", [s["stage"] for s in funnel],
+                [s["count"] for s in funnel])
+    _histogram_png(out / CAPTIONS_PNG, "caption length of written samples", caption_words, 50,
+                   "caption length (words)")
     sides = np.minimum(widths, heights) if len(widths) else np.zeros(0)
-    labels, counts = _histogram(sides, bins=40)
-    _bars_png(out / RESOLUTION_PNG, "resolution of written samples: shorter side before resize (pixels)", labels,
-              counts, horizontal=False, x_caption="pixels")
+    _histogram_png(out / RESOLUTION_PNG, "resolution of written samples, before resize", sides, 40,
+                   "shorter image side (pixels)")
     return [FUNNEL_PNG, CAPTIONS_PNG, RESOLUTION_PNG]

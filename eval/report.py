@@ -106,7 +106,8 @@ def _comparison_table(records: list[dict]) -> str:
 
 
 def plot_over_steps(records: list[dict], folder: Path) -> list[Path]:
-    """One PNG per metric (one line per dataset, its chance level dashed) when it was measured at 2+ steps."""
+    """One PNG per metric (one line per dataset; each chance level a dashed grey line labelled with its datasets)
+    when it was measured at 2+ steps."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     chance: dict[tuple[str, str], float] = {}
     for r in records:
@@ -128,17 +129,24 @@ def _plot_metric(metric: str, by_dataset: dict, chance: dict, folder: Path) -> P
     matplotlib.use("Agg")  # files only; never a display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    levels: dict[float, list[str]] = defaultdict(list)  # one dashed line per chance level, naming its datasets
     for dataset, points in sorted(by_dataset.items()):
         points = sorted(points)
-        line, = ax.plot([s for s, _ in points], [100 * v for _, v in points], marker="o", label=dataset)
+        ax.plot([s for s, _ in points], [100 * v for _, v in points], marker="o", label=dataset)
         if chance.get((metric, dataset)) is not None:
-            ax.axhline(100 * chance[(metric, dataset)], color=line.get_color(), linestyle=":", linewidth=1)
+            levels[round(100 * chance[(metric, dataset)], 6)].append(dataset)
+    for level, datasets in sorted(levels.items()):
+        # Datasets with equal chance share one line: drawn once, it cannot hide behind another dataset's colour.
+        ax.axhline(level, color="0.35", linestyle="--", linewidth=1, zorder=1)
+        ax.annotate(f"chance {level:.3g}%: {', '.join(datasets)}", xy=(0.01, level), xycoords=("axes fraction", "data"),
+                    xytext=(0, 2), textcoords="offset points", fontsize=7, color="0.25", va="bottom")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} over training (dotted: chance)")
+    ax.set_title(f"{metric} over training (dashed: chance level)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     path = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_")) + ".png")
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
