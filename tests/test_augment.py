@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -51,14 +52,22 @@ def test_same_seed_same_crop_other_seed_other_crop():
 
 
 def test_pixels_match_pils_bicubic_crop_and_resize():
-    data, spec = photo(320, 240, seed=1), CropSpec(96, scale=(0.5, 0.9), draft=False)
-    ours = decode_random_crop(data, spec, random.Random(7)).numpy().astype(int)
-    left, top, w, h = crop_box(320, 240, spec, random.Random(7))
-    with Image.open(io.BytesIO(data)) as im:
-        ref = np.asarray(im.convert("RGB").resize((96, 96), Image.Resampling.BICUBIC,
-                                                  box=(left, top, left + w, top + h))).astype(int)
-    diff = np.abs(ours - ref)
-    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    """README: within 2 grey levels of PIL's bicubic filter. Measured on these 48 crops (1.3M channel values): max
+    3, reached by 2 values (in two crops); every other value within 2, 99.996% within 1, mean 0.014."""
+    spec = CropSpec(96, scale=(0.5, 0.9), draft=False)
+    diffs = []
+    for seed in range(1, 7):
+        data = photo(320, 240, seed=seed)
+        for draw in range(8):
+            ours = decode_random_crop(data, spec, random.Random(draw)).numpy().astype(int)
+            left, top, w, h = crop_box(320, 240, spec, random.Random(draw))
+            with Image.open(io.BytesIO(data)) as im:
+                ref = np.asarray(im.convert("RGB").resize((96, 96), Image.Resampling.BICUBIC,
+                                                          box=(left, top, left + w, top + h))).astype(int)
+            diffs.append(np.abs(ours - ref).ravel())
+    diff = np.concatenate(diffs)
+    assert diff.max() <= 3 and (diff > 2).sum() <= 4 and (diff > 1).mean() < 1e-3 and diff.mean() < 0.05, (
+        diff.max(), (diff > 2).sum(), (diff > 1).mean(), diff.mean())
 
 
 def test_reduced_scale_decoding_of_large_jpegs_stays_close():
@@ -67,9 +76,16 @@ def test_reduced_scale_decoding_of_large_jpegs_stays_close():
     with Image.open(io.BytesIO(data)) as im:  # the draft path is taken: 1/8 scale still covers 128 px
         im.draft("RGB", (1600 * 128 // 1400 + 1, 1200 * 128 // 1050 + 1))
         assert im.size[0] < 1600
-    fast = decode_random_crop(data, spec, random.Random(3)).numpy().astype(int)
-    full = decode_random_crop(data, CropSpec(128, scale=(0.9, 1.0), draft=False), random.Random(3)).numpy().astype(int)
-    assert np.abs(fast - full).mean() < 2.0
+    # libjpeg's scaled IDCT is another low-pass filter than the antialiased resize of a full decode, so pixels differ
+    # by a few grey levels. Measured on these 10 crops: at most 9 per pixel, a mean of at most 1.47 per crop. A crop
+    # box off by one reduced-scale pixel gives up to 14 and means up to 5.
+    for seed in (2, 3):
+        data = photo(1600, 1200, seed=seed)
+        for draw in range(3, 8):
+            fast = decode_random_crop(data, spec, random.Random(draw)).numpy().astype(int)
+            full = decode_random_crop(data, replace(spec, draft=False), random.Random(draw)).numpy().astype(int)
+            diff = np.abs(fast - full)
+            assert diff.max() <= 12 and diff.mean() < 2.0, (seed, draw, diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"),
@@ -108,6 +124,7 @@ def test_pil_decoder_seeds_torch_per_sample_and_restores_the_generator():
 @pytest.mark.parametrize("pipeline", ["fast", "open_clip"])
 def test_both_pipelines_train(tmp_path, tiny_shards, pipeline):
     result = run_cli("train", str(REPO / "configs" / "demo.yaml"), str(TEST_CONFIG), f"run.output_dir={tmp_path}", f"train.data={tiny_shards}",
-                     "train.steps=2", f"train.image_pipeline={pipeline}", "train.workers=1")
+                     "train.steps=2", f"train.image_pipeline={pipeline}", "train.workers=1",
+                     "train.precision=fp32")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "train" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

@@ -118,4 +118,8 @@ def test_accelerate_configs_are_valid_accelerate_configs(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(path)
-    assert cfg.num_processes >= 1 and cfg.distributed_type is not None
+    # What README's "Every launcher" section states: one process per GPU (8 per machine, as its torchrun lines),
+    # num_processes counting all machines together, and mixed_precision 'no' (clipline does its own autocast).
+    machines = {"single-node.yaml": 1, "multi-node.yaml": 2}[Path(path).name]
+    assert (cfg.distributed_type.value, cfg.num_machines, cfg.num_processes) == ("MULTI_GPU", machines, 8 * machines)
+    assert cfg.mixed_precision == "no" and cfg.use_cpu is False and cfg.machine_rank == 0

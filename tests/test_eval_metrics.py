@@ -93,8 +93,9 @@ def test_zero_shot_classifier_by_hand():
     clf = zero_shot_classifier(model, tokenizer, ["cat", "dog"], ["a {c}", "the {c}"], "cpu")
     # cat: mean of [0.6, 0.8] and [1, 0] = [0.8, 0.4] -> normalised [2, 1] / sqrt(5)
     assert clf[0].tolist() == pytest.approx([2 / math.sqrt(5), 1 / math.sqrt(5)])
-    # dog: [0, 1] and [0, -1] average to zero: no direction (and no NaN)
+    # dog: [0, 1] and [0, -1] average to zero: no direction (a zero row, scoring 0 against every image), no NaN
     assert torch.isfinite(clf).all()
+    assert clf[1].abs().max() < 1e-6, clf[1]
 
 
 def test_features_are_fp32_whatever_the_model_precision():

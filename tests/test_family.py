@@ -292,7 +292,7 @@ def test_lora_checkpoint_holds_merged_open_clip_weights(tmp_path, tiny_shards, v
     saved = load_file(str(folder / "open_clip_model.safetensors"))
     assert not any("lora_" in k or "base_layer" in k for k in saved)
 
-    batch = batches_for(trainer, make_samples(4, seed=14), 4)[0]
+    batch = batches_for(trainer, make_samples(4, seed=14), 4, normalized=True)[0]  # fed to the models directly
     trainer.model.eval()
     with torch.no_grad():
         ours = trainer.model(image=batch.images, text=batch.texts)

@@ -31,7 +31,7 @@ from clipline.checkpoint import DiskFullError, latest_checkpoint, list_checkpoin
 from clipline.cli import main as cli_main
 from clipline.config import ConfigError, PrepConfig, load_config
 from clipline.shards import iter_tar_members
-from conftest import REPO, TINY_MODEL, make_samples, make_shard_folder, run_cli, write_shard
+from conftest import REPO, TINY_MODEL, make_samples, make_shard_folder, require_or_skip, run_cli, write_shard
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 TINY = str(REPO / "configs" / "test-tiny.yaml")
@@ -44,7 +44,7 @@ WEIGHTS = "open_clip_model.safetensors"
 def train_args(out: Path, shards: Path, *extra: str) -> list[str]:
     return ["train", DEMO, TINY, f"run.output_dir={out}", f"train.data={shards}", f"train.steps={STEPS}",
             f"train.save_every={SAVE_EVERY}", "train.log_every=1", "train.workers=1", "train.keep_last=5",
-            f"model.name={TINY_MODEL}", *extra]
+            f"model.name={TINY_MODEL}", "train.precision=fp32", *extra]
 
 
 def checkpoint_dir(train_out: Path, step: int) -> Path:
@@ -161,12 +161,12 @@ class Tmpfs:
 
     def mount(self, size: int) -> None:
         self.where.mkdir(parents=True, exist_ok=True)
-        if shutil.which("mount") is None:
-            pytest.skip("no mount command: the disk-full test needs a real small filesystem (tmpfs)")
+        require_or_skip(shutil.which("mount") is not None,
+                        "no mount command: the disk-full test needs a real small filesystem (tmpfs)")
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.where)],
                               capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here (uid {os.geteuid()}): {done.stderr.strip()}")
+        require_or_skip(done.returncode == 0,
+                        f"mounting a tmpfs is not permitted here (uid {os.geteuid()}): {done.stderr.strip()}")
 
     def resize(self, size: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={size}", str(self.where)], check=True)

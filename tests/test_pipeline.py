@@ -84,7 +84,7 @@ def test_checkpoint_loads_in_open_clip(demo_run):
 
 
 def _train(out: Path, shards: Path, *extra: str, launcher: list[str] | None = None):
-    args = ["train", DEMO, TINY, f"run.output_dir={out}", f"train.data={shards}", *extra]
+    args = ["train", DEMO, TINY, f"run.output_dir={out}", f"train.data={shards}", "train.precision=fp32", *extra]
     if launcher:
         return run_cli(*launcher, "-m", "clipline", *args, module="torch.distributed.run")
     return run_cli(*args)
@@ -118,9 +118,18 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, tiny_shards, fau
 
 
 def test_torchrun_two_cpu_processes(tmp_path, tiny_shards):
-    """The launch itself: two ranks form a gloo group over loopback, split the global batch, and save one checkpoint
-    holding both ranks' data positions. (That the gathered loss equals the whole-batch loss is test_loss.py's.)"""
-    result = _train(tmp_path / "ddp", tiny_shards, "train.steps=4", "train.save_every=2",
+    """Two ranks form a gloo group over loopback, split the global batch, save one checkpoint holding both ranks'
+    data positions, and train the same model as one process reading the same samples.
+
+    Rank r reads data stream r. One process with 2 data workers (streams 0 and 1) and 2 accumulation micro-batches
+    (one per stream) sees the same 32 samples, with the same crops, in every step. The model is the ViT with no
+    batch norm (conftest.TINY_VIT), whose forward does not depend on how the batch is split."""
+    from conftest import TINY_VIT
+
+    vit = tmp_path / "tiny-vit-test.json"
+    vit.write_text(json.dumps(TINY_VIT))
+    common = ("train.steps=4", "train.save_every=2", "train.log_every=1", f"model.name={vit}", "train.precision=fp32")
+    result = _train(tmp_path / "ddp", tiny_shards, *common, "train.workers=0",
                     launcher=["--standalone", "--nproc_per_node", "2"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "(2 x 1 x 16)" in result.stdout
@@ -128,4 +137,20 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny_shards):
                        weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 4
     assert [d["positions"][0] >= 4 * 16 for d in state["data"]] == [True, True]
-    assert len(_losses(tmp_path / "ddp")) == 2
+
+    one = _train(tmp_path / "one", tiny_shards, *common, "train.workers=2", "train.accum_steps=2")
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    assert "(1 x 2 x 16)" in one.stdout
+    # The same arithmetic in another order (a gloo all-reduce of two gradients vs one process's sums), in fp32.
+    # Measured: per-step losses equal to 1e-7 relative, weights within 3.1e-5 after 4 steps (AdamW divides each
+    # gradient by its own running scale, so tiny gradients turn rounding differences into updates of up to
+    # lr = 2e-3 x a small fraction). The bounds below leave 3x to 100x margin; a wrong split (e.g. each rank's
+    # loss over its own 16 samples only) moves the first loss by ~0.7 (log 32 - log 16).
+    losses_ddp, losses_one = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
+    assert len(losses_ddp) == 4 and losses_one == pytest.approx(losses_ddp, rel=1e-5), (losses_one, losses_ddp)
+    a, b = _final_weights(tmp_path / "ddp", 4), _final_weights(tmp_path / "one", 4)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"two ranks vs one process: losses {losses_ddp} vs {losses_one}, largest weight difference {worst:.2e}")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)

@@ -15,6 +15,7 @@ from clipline.errors import UsageError
 from data_prep.address_guard import is_public_address, refusal_reason
 from data_prep.demo_scenes import write_demo_split
 from data_prep.prep import run_prep
+from data_prep import serve
 from data_prep.serve import LocalImageServer, write_url_list
 
 from conftest import run_cli
@@ -132,7 +133,11 @@ def served_split(tmp_path_factory):
     return write_demo_split(root, n=60, seed=9, image_size=32)
 
 
-def test_prep_over_loopback_writes_the_shard_contract(tmp_path, served_split):
+def test_prep_over_loopback_writes_the_shard_contract(tmp_path, served_split, monkeypatch):
+    requests: list[str] = []  # every request the loopback server answers (list.append is thread-safe)
+    respond = serve._FileHandler._respond
+    monkeypatch.setattr(serve._FileHandler, "_respond",
+                        lambda handler, send_body: (requests.append(handler.path), respond(handler, send_body))[1])
     with LocalImageServer(served_split.parent) as server:
         urls = write_url_list(served_split, server, tmp_path / "urls.parquet")
         df = pd.read_parquet(urls)
@@ -144,6 +149,11 @@ def test_prep_over_loopback_writes_the_shard_contract(tmp_path, served_split):
         cfg = PrepConfig(url_list=str(urls), output_dir=str(out), image_size=32, samples_per_shard=25,
                          processes=1, threads=4, allow_private_networks=True)
         manifest = run_prep(cfg)
+        first_requests = len(requests)
+        # Same command again, the same server still up: resumes with nothing to do, sends no request.
+        again = run_prep(cfg)
+    assert first_requests >= 58 and len(requests) == first_requests, requests[first_requests:][:5]
+    assert again.total_samples == 57 and again.sizes == manifest.sizes and again.stats == manifest.stats
     assert manifest.total_samples == 57
     assert manifest.stats["dropped_empty_caption"] == 1 and manifest.stats["dropped_duplicate_url"] == 1
     assert manifest.stats["failed_to_download"] == 1
@@ -155,11 +165,6 @@ def test_prep_over_loopback_writes_the_shard_contract(tmp_path, served_split):
         meta = json.loads(tar.extractfile([n for n in names if n.endswith(".json")][0]).read())
     assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "txt", "json"}
     assert {"colour", "shape", "uid", "url", "caption"} <= set(meta)  # extra columns carried into .json
-
-    # Same command again: resumes (nothing to do) and reports the same counts.
-    with LocalImageServer(served_split.parent) as server:
-        again = run_prep(cfg)
-    assert again.total_samples == 57 and again.sizes == manifest.sizes
 
 
 def test_another_list_into_the_same_folder_is_refused(tmp_path, served_split):

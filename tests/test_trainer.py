@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from clipline.config import load_config
 from clipline.dist import DistEnv
-from training.trainer import EXIT_PREEMPTED, Trainer
+from training.trainer import EXIT_PREEMPTED, Trainer, lr_at
 
 from conftest import REPO, TINY_VIT, batches_for, make_samples, run_cli
 
@@ -158,12 +158,19 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, tiny_shards, fault_
     stopped = [c for c in (tmp_path / "train/checkpoints").glob("step_*")]
     assert len(stopped) == 1 and "stopped by signal" in output
     step = int(stopped[0].name.split("_")[1])
-    assert 2 <= step < 400
+    logged = [m["step"] for m in _metric_lines(tmp_path)]
+    # 0 steps lost: every step finished before the signal was logged (log_every=1) and is in the checkpoint.
+    assert 2 <= step < 400 and logged == list(range(1, step + 1)), (step, logged)
+    resumed = run_cli(*_train_args(tmp_path, tiny_shards, "train.save_every=100", f"train.steps={step + 1}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in next(ln for ln in resumed.stdout.splitlines() if "resumed from" in ln)
+    after = _metric_lines(tmp_path)
+    assert [(m["step"], m["samples_seen"]) for m in after[step:]] == [(step + 1, (step + 1) * 32)]
     fault_row(area="training", fault="SIGTERM mid-run (preemption)",
               happened=f"finished the step, wrote a checkpoint at step {step} and exited {proc.returncode} "
-                       f"(EX_TEMPFAIL, for a requeue)",
-              lost=f"0 steps: the last logged step is {max(m['step'] for m in _metric_lines(tmp_path))}, the "
-                   f"checkpoint's is {step}")
+                       f"(EX_TEMPFAIL, for a requeue); the next run resumed at step {step}",
+              lost=f"0 steps: the last logged step is {max(logged)}, the checkpoint's is {step}, and the resumed "
+                   f"run's first step is {after[step]['step']}")
 
 
 def test_two_nodes_via_torchrun_on_loopback(tmp_path, tiny_shards):
@@ -257,7 +264,7 @@ def test_grad_clipping_and_checkpointing_options(tmp_path, tiny_shards, vit_json
 @pytest.mark.fault
 def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, tiny_shards, vit_json, fault_row):
     trainer = make_trainer(tmp_path, tiny_shards, vit_json, "train.max_nonfinite_steps=2")
-    bad = batches_for(trainer, make_samples(8, seed=6), 8)[0]
+    bad = batches_for(trainer, make_samples(8, seed=6), 8, normalized=True)[0]  # float pixels, so one can be NaN
     bad.images[0, 0, 0, 0] = float("nan")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train_step([bad])
@@ -274,6 +281,31 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, tiny_shards, vit_js
               lost="0 parameters changed by the skipped steps")
 
 
+def _resume_worker(rank, world, init_file, overrides, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(load_config([DEMO, TINY], overrides), DistEnv(rank, world, rank, torch.device("cpu")))
+        results[rank] = (trainer.model.state_dict(), trainer.optimizer.state_dict(), trainer.step)
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_same_state(got, expected, where: str) -> None:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for k in expected:
+            _assert_same_state(got[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_same_state(g, e, f"{where}[{i}]")
+    else:
+        assert got == expected, where
+
+
 @pytest.mark.fault
 def test_resume_on_another_world_size(tmp_path, tiny_shards, fault_row):
     first = run_cli(*_train_args(tmp_path, tiny_shards, "train.steps=2", "train.save_every=2", "train.workers=0"))
@@ -286,6 +318,25 @@ def test_resume_on_another_world_size(tmp_path, tiny_shards, fault_row):
     assert "resumed from" in second.stdout and "the data order restarts" in second.stderr
     state = torch.load(tmp_path / "train/checkpoints/step_00000004/train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 4 and state["samples_seen"] == 4 * 32
+    # The schedule went on from step 2: the first resumed step ran at the LR of step index 2, not of a restart.
+    cfg = load_config([DEMO, TINY], _train_args(tmp_path, tiny_shards, "train.steps=4")[3:])
+    assert [m["lr"] for m in _metric_lines(tmp_path)] == [pytest.approx(lr_at(i, cfg.train), rel=1e-6)
+                                                          for i in range(4)]
+    assert lr_at(2, cfg.train) != lr_at(0, cfg.train)
+    # What each of the 2 ranks holds right after resuming the step-2 checkpoint: the checkpoint's weights and
+    # optimizer state, bit for bit, and its step.
+    ckpt = tmp_path / "train/checkpoints/step_00000002"
+    saved_state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    saved_weights = load_file(str(ckpt / "open_clip_model.safetensors"))
+    results = mp.Manager().dict()
+    mp.spawn(_resume_worker, args=(2, str(tmp_path / "init"), _train_args(tmp_path, tiny_shards, "train.steps=4",
+                                                                           f"train.resume={ckpt}")[3:], results),
+             nprocs=2, join=True)
+    for rank in (0, 1):
+        weights, optimizer, step = results[rank]
+        assert step == 2 and weights.keys() >= saved_weights.keys()
+        assert all(torch.equal(weights[k], saved_weights[k]) for k in saved_weights), f"rank {rank} weights"
+        _assert_same_state(optimizer, saved_state["optimizer"], f"rank {rank} optimizer")
     fault_row(area="training", fault="resume of a checkpoint on another world size (1 -> 2 ranks)",
               happened=f"step 2 of a 1-process run resumed under torchrun with {state['world_size']} ranks to step "
                        f"{state['step']}, samples_seen {state['samples_seen']}; the data order restarts (warned)",
