@@ -12,10 +12,13 @@ CPU (matmuls, convolutions and SDPA attention; element-wise work is not counted,
 the batch. The peak comes from the device's name (H100 SXM/H200 989 TFLOP/s, H100 PCIe 756, H100 NVL 835, A100
 312, L40S 362, RTX 4090 165) or --peak-tflops.
 
-Synthetic data: ours with `train.data=synthetic` (one random uint8 batch on the GPU, fed again every step: the
-model's speed alone); open_clip_train with `--dataset-type synthetic`, which still runs its PIL preprocessing in
-DataLoader workers for every sample (--workers of them), so where it is input-bound its number says so. samples/s
-is the median over logging windows after the first two (torch.compile warm-up). Both write no checkpoint before
+The same input path for both: one random batch made once and kept on the device, fed again every step, so both
+numbers are the model's training speed alone. Ours: `train.data=synthetic` (a uint8 batch on the device,
+normalised there each step, as the trainer does on a GPU). open_clip_train: its own main() and train loop, with
+`open_clip_train.main.get_data` replaced by a loader that yields one normalised float batch already on the device
+(PEER_RESIDENT below); its `--dataset-type synthetic` would instead run PIL preprocessing in DataLoader workers for
+every sample, which measures its input pipeline, not the model (benchmarks/input_pipeline.py does that).
+samples/s is the median over logging windows after the first two (torch.compile warm-up). Both write no checkpoint before
 the end and log every 10 steps.
 
 On the GPU machine open_clip_torch (and webdataset <= 0.2.86 for open_clip_train's imports) may be missing: carry
@@ -36,6 +39,37 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _bench import machine, peer_env, write_result  # noqa: E402
+
+PEER_RESIDENT = r'''
+import sys, torch
+import open_clip_train.main as m
+from open_clip_train.data import DataInfo
+
+SIZE, CONTEXT = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+
+
+class Resident:
+    def __init__(self, args):
+        device = torch.device(args.device)
+        g = torch.Generator().manual_seed(args.seed)
+        self.images = torch.randn(args.batch_size, 3, SIZE, SIZE, generator=g).to(device)
+        self.texts = torch.randint(1, 49407, (args.batch_size, CONTEXT), generator=g).to(device)
+        self.num_batches = args.train_num_samples // args.batch_size
+        self.num_samples = self.num_batches * args.batch_size
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        return ((self.images, self.texts) for _ in range(self.num_batches))
+
+
+m.get_data = lambda args, *a, **k: {"train": DataInfo(dataloader=Resident(args))}
+m.main(sys.argv[1:])
+'''
 
 PEAK_TFLOPS = [("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
                ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2)]
@@ -65,6 +99,16 @@ def flops_per_sample(model_name: str, batch: int = 4) -> float:
     return counter.get_total_flops() / batch
 
 
+def input_shape(model_name: str) -> tuple[int, int]:
+    """(image side, text context length) of the model."""
+    from clipline.config import ModelConfig
+    from clipline.models import create_model
+
+    model = create_model(ModelConfig(name=model_name), device="cpu").model
+    size = model.visual.preprocess_cfg["size"]
+    return int(size[-1] if isinstance(size, (list, tuple)) else size), int(model.context_length)
+
+
 def median_after_warmup(rates: list[float]) -> float:
     kept = rates[2:] if len(rates) > 3 else rates[-1:]
     return statistics.median(kept)
@@ -87,7 +131,7 @@ def run_ours(args, work: Path) -> float:
 _PEER_RATE = re.compile(r"Batch \(t\): ([0-9.]+)")
 
 
-def run_peer(args, work: Path, python: str) -> float:
+def run_peer(args, work: Path, python: str, shape: tuple[int, int]) -> float:
     model = args.model
     if model.endswith(".json"):  # the smoke model: open_clip_train takes a local-dir folder
         folder = work / "peer-model"
@@ -96,7 +140,7 @@ def run_peer(args, work: Path, python: str) -> float:
             {"model_cfg": json.loads((REPO / model).read_text()), "preprocess_cfg": {}}))
         model = f"local-dir:{folder}"
     precision = {"bf16": "amp_bf16", "fp32": "fp32"}[args.precision]
-    cmd = [python, "-m", "open_clip_train.main", "--dataset-type", "synthetic", "--train-num-samples",
+    cmd = [python, "-c", PEER_RESIDENT, *map(str, shape), "--dataset-type", "synthetic", "--train-num-samples",
            str(args.steps * args.batch), "--model", model, "--batch-size", str(args.batch), "--epochs", "1",
            "--workers", str(args.workers), "--precision", precision, "--lr", "5e-4", "--warmup", "5",
            "--log-every-n-steps", "10", "--logs", str(work / "peer"), "--name", "peer", "--save-frequency", "0",
@@ -106,7 +150,7 @@ def run_peer(args, work: Path, python: str) -> float:
     if args.device == "cpu":
         cmd.append("--no-set-device-rank")
     result = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
-                            env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})})
+                            env={**peer_env(), **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})})
     if result.returncode != 0:
         raise RuntimeError(f"open_clip_train failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     times = [float(m.group(1)) for m in _PEER_RATE.finditer(result.stdout + result.stderr)]
@@ -124,8 +168,8 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--peer-python", default=None, help="python with open_clip_train (default: this one, or "
-                        "benchmarks/.peer-venv where it exists)")
+    parser.add_argument("--peer-python", default=None, help="python with open_clip_train (default: this one; "
+                        "webdataset 0.2.86 is put first on its PYTHONPATH when needed)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny demo model, 20 steps of 32, no compile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -141,14 +185,14 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     peak = args.peak_tflops or (peak_tflops(device_name) if args.device == "cuda" else None)
     flops = flops_per_sample(args.model)
-    peer_python = args.peer_python or (str(REPO / "benchmarks/.peer-venv/bin/python")
-                                       if (REPO / "benchmarks/.peer-venv/bin/python").exists() else sys.executable)
+    peer_python = args.peer_python or sys.executable
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         rows["clipline train"] = run_ours(args, Path(tmp))
         if not args.skip_peer:
-            rows["open_clip_train"] = run_peer(args, Path(tmp), peer_python)
-    result = {"benchmark": "gpu_mfu", "device": device_name, "model": args.model, "batch": args.batch,
+            rows["open_clip_train"] = run_peer(args, Path(tmp), peer_python, input_shape(args.model))
+    result = {"benchmark": "gpu_mfu", "machine": machine(), "input": "one batch resident on the device, both",
+              "device": device_name, "model": args.model, "batch": args.batch,
               "steps": args.steps, "precision": args.precision, "compile": args.compile,
               "train_flops_per_sample": flops, "peak_tflops": peak, "torch": torch.__version__, "rows": {}}
     print(f"\n{device_name}, {args.model}, batch {args.batch}, {args.precision}, compile={args.compile}; "
@@ -161,8 +205,7 @@ def main() -> int:
         result["ratio"] = rows["clipline train"] / rows["open_clip_train"]
         print(f"\nratio (ours / peer): {result['ratio']:.2f}x")
     out = Path(args.out or REPO / "benchmarks/results" / f"gpu_mfu{'_smoke' if args.smoke else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"-> {out}")
     return 0
 

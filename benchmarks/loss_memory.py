@@ -19,7 +19,8 @@ Peak memory, from one forward + backward per (loss, batch):
   does not see torch's allocations and torch keeps no CPU allocator statistics, so the kernel's count is the
   honest one; it includes allocator slack and BLAS work buffers, for every loss alike.
 Time: per batch the losses run in alternating order (A B C, C B A, ...) after one warm-up round, so load from
-other processes drifts onto all of them alike; the fastest run of each is reported. On CPU this happens in one
+other processes drifts onto all of them alike; the median of each is reported with the number of timed rounds
+(and the fastest beside it); fewer rounds than --rounds run where a round would pass --max-seconds. On CPU this happens in one
 child process per batch. Sizes whose estimated need exceeds the free memory are skipped, and the output says so.
 
 Writes a table to stdout, JSON (results and ratios) to ``--json`` and a plot of every loss_memory_*.json in
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -169,7 +171,8 @@ def peak_bytes(variant: str, batch: int, dim: int, device: str) -> int:
 
 def interleaved_times(names: list[str], batch: int, dim: int, device: str, rounds: int,
                       max_seconds: float) -> dict[str, dict]:
-    """{variant: {"time_s", "times_s", "cold"}}: fastest of alternating rounds after a warm-up round."""
+    """{variant: {"time_s", "fastest_s", "times_s", "cold"}}: median (and fastest) of alternating rounds after a
+    warm-up round; ``times_s`` holds every timed round."""
     features = make_features(batch, dim, device)
     steps = {name: make_step(name, features) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -195,7 +198,8 @@ def interleaved_times(names: list[str], batch: int, dim: int, device: str, round
             if i > 0 and spent + warmup > max_seconds:
                 break
             spent += run_round(names if i % 2 == 0 else names[::-1])
-    return {name: {"time_s": min(t), "times_s": t, "cold": cold} for name, t in times.items()}
+    return {name: {"time_s": statistics.median(t), "fastest_s": min(t), "times_s": t, "cold": cold}
+            for name, t in times.items()}
 
 
 # --- orchestration ----------------------------------------------------------------------------------------------
@@ -279,8 +283,11 @@ def measure_batch(args, names: list[str], batch: int) -> list[dict]:
         task = {"kind": "time", "names": runnable, "rounds": args.rounds, "max_seconds": args.max_seconds, **common}
         timed = (interleaved_times(runnable, batch, args.dim, "cuda", args.rounds, args.max_seconds)
                  if args.device == "cuda" else in_child(task))
+        load = [round(x, 2) for x in os.getloadavg()]  # beside each batch's rounds: other jobs skew the times
         for name, t in timed.items():
-            rows[name].update(time_s=t["time_s"], times_s=t["times_s"], timing_includes_warmup=t["cold"])
+            rows[name]["load_average_after_timing"] = load
+            rows[name].update(time_s=t["time_s"], fastest_s=t["fastest_s"], times_s=t["times_s"],
+                              timed_rounds=len(t["times_s"]), timing_includes_warmup=t["cold"])
     return list(rows.values())
 
 
@@ -334,7 +341,8 @@ def table(results: list[dict], rats: list[dict]) -> str:
                          f"{r['status']}: {r['reason']}")
             continue
         work = (r["peak_bytes"] - r["feature_grad_bytes"]) / mib
-        note = "single cold run" if r["timing_includes_warmup"] else f"fastest of {len(r['times_s'])}"
+        note = ("single cold run" if r["timing_includes_warmup"]
+                else f"median of {len(r['times_s'])} (fastest {r['fastest_s'] * 1e3:.1f})")
         lines.append(f"{r['batch']:>6}  {r['impl']:<12} {r['peak_bytes'] / mib:>10.1f} {work:>14.1f} "
                      f"{r['time_s'] * 1e3:>10.1f}  {note}")
     lines += ["", "ratios (theirs / tiled; > 1 means the tiled loss uses less memory / is faster):",
@@ -348,7 +356,10 @@ def table(results: list[dict], rats: list[dict]) -> str:
 def environment(args) -> dict:
     import torch
 
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    from _bench import cpu_info
+
+    env = {**cpu_info(), "torch": torch.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "matmul_precision": args.matmul_precision,
            "load_average_1_5_15_min_at_end": os.getloadavg()}  # other processes on the machine skew CPU times
     if args.device == "cuda":
