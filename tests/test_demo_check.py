@@ -122,3 +122,18 @@ def test_the_shipped_demo_checks_and_test_tiny_does_not():
     assert load_config([str(REPO / "configs" / "demo.yaml")]).demo.check_minimums is True
     tiny = load_config([str(REPO / "configs" / "demo.yaml"), str(REPO / "configs" / "test-tiny.yaml")])
     assert tiny.demo.check_minimums is False
+
+
+def test_readme_demo_table_is_the_stored_measured_run():
+    """The README's demo table, its minimums and its step count come from the stored summary of a real run."""
+    stored = json.loads((REPO / "benchmarks" / "results" / "demo_summary_avx2.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    rows = [line.split("|")[1:-1] for line in readme.splitlines() if line.startswith("| demo-")]
+    assert len(rows) >= 10
+    for dataset, _task, metric, value, _chance in (map(str.strip, r) for r in rows):
+        assert float(value) == pytest.approx(100 * stored["metrics"][dataset][metric], abs=0.051), (dataset, metric)
+    assert all(m["passed"] for m in stored["minimums"])
+    for m in DEMO_MINIMUMS:
+        assert f"{m.label} above {m.above * 100:.0f}%" in readme
+    assert stored["steps"] == load_config([str(REPO / "configs" / "demo.yaml")]).train.steps
+    assert f"for {stored['steps']} steps of batch 128" in readme
