@@ -15,7 +15,7 @@ How it is timed, the same way for both:
   previous line, data wait included: steps 1, 2-11, 12-21, ...), so the first window kept is steps 11-20 for
   clipline and 12-21 for open_clip_train. A run's rate = samples / seconds summed over its kept windows.
 - Each run is a fresh process; within a round the trainers alternate which runs first (A B, B A, ...).
-- Threads: clipline runs at each of --our-threads (0: its default, the cores its worker leaves free);
+- Threads: clipline runs at each of --our-threads (0: its default, every core of its share);
   open_clip_train has no thread option and runs at each of --peer-threads (0: torch's default, one per core; N:
   OMP_NUM_THREADS=N). Each trainer's figure is its best setting's median; every setting is in the JSON.
 - Load: beside each run the JSON has os.getloadavg() before and after and the cores other processes kept busy

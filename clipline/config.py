@@ -405,8 +405,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     threads: int = 0
-    """torch intra-op threads per rank; 0 picks: on the CPU the cores left free by the workers, elsewhere torch's
-    default."""
+    """torch intra-op threads per rank; 0 picks: on the CPU every core of this rank's share (the loader's worker
+    needs little), elsewhere torch's default."""
 
     def validate(self) -> None:
         for key in ("global_batch_size", "steps", "save_every", "keep_last", "log_every", "accum_steps",
