@@ -120,7 +120,7 @@ def resolve_workers(workers: int, env: DistEnv) -> int:
     return max(1, min(16, cores_per_process(env.local_world_size) - 1))
 
 
-def default_threads(workers: int, env: DistEnv) -> int:
+def default_threads(env: DistEnv) -> int:
     """On the CPU, intra-op threads on every core of this rank's share (0: torch's default elsewhere).
 
     The training loader's worker is mostly idle (one uint8 crop per sample against a forward and backward pass per
@@ -161,6 +161,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.precision = resolve_precision(cfg.train.precision, env.device)
         print0(self.precision.line())
+        self.eval_precision = resolve_precision(cfg.eval.precision, env.device).precision  # for in-loop evals
         # The resolved config (run folder, checkpoints, wandb) holds the precision the run uses, not 'auto'.
         cfg = replace(cfg, train=replace(cfg.train, precision=self.precision.precision))
         self.cfg, self.tc, self.env = cfg, cfg.train, env
@@ -171,7 +172,7 @@ class Trainer:
         self.micro_batch = per_rank
         self.synthetic = self.tc.data == "synthetic"
         self.workers = 0 if self.synthetic else resolve_workers(self.tc.workers, env)
-        threads = self.tc.threads or default_threads(self.workers, env)
+        threads = self.tc.threads or default_threads(env)
         if threads:
             torch.set_num_threads(threads)
         self.out = Path(self.tc.output_dir)
@@ -543,8 +544,7 @@ class Trainer:
         results = {}
         if self.env.is_main and self.cfg.eval.datasets:
             self.model.eval()
-            ctx = EvalContext(self.env.device, self.cfg.eval.batch_size,
-                              resolve_precision(self.cfg.eval.precision, self.env.device).precision)
+            ctx = EvalContext(self.env.device, self.cfg.eval.batch_size, self.eval_precision)
             try:
                 for ds in self.cfg.eval.datasets:
                     for r in evaluate_dataset(self.bundle, ds, self.env.device, self.cfg.eval.batch_size, ctx=ctx):
