@@ -76,6 +76,28 @@ def test_redraws_are_throttled_but_the_final_one_always_happens(tmp_path, monkey
     assert drawn == [1031, 1062, 1063]
 
 
+def test_background_redraws_never_block_the_loop_and_the_final_one_waits(tmp_path, monkeypatch):
+    import threading
+
+    _write_metrics(tmp_path, 3, evals=False)
+    release, drawn = threading.Event(), []
+
+    def slow_plot(run_dir, **kwargs):
+        release.wait(10)  # a redraw that lasts until the test lets it finish
+        drawn.append(threading.current_thread().name)
+        return []
+
+    monkeypatch.setattr(curves, "plot_run", slow_plot)
+    writer = curves.CurveWriter(tmp_path, min_interval_s=0, background=True)
+    writer.update()  # starts the redraw in a thread and returns at once, the redraw still blocked
+    writer.update()  # due again, but the previous one is still running: skipped, not queued
+    assert drawn == [] and writer._thread.is_alive()
+    release.set()
+    writer.update(final=True)  # waits for the running redraw, then draws once more in this thread
+    assert drawn == ["clipline-curves", threading.current_thread().name]
+    assert not writer._thread
+
+
 def test_eval_curves_are_redrawn_only_after_a_new_eval(tmp_path):
     _write_metrics(tmp_path, 4, evals=True)  # evals at steps 20 and 40
     writer = curves.CurveWriter(tmp_path, min_interval_s=0)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -160,14 +161,22 @@ def plot_run(run_dir: str | Path, skip_evals_through: float | None = None) -> li
 
 class CurveWriter:
     """Redraws a run's curves as training goes: at most once per ``min_interval_s``, and at the end. A failure to
-    draw (no matplotlib, a full disk) is logged once and never stops training."""
+    draw (no matplotlib, a full disk) is logged once and never stops training.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, min_interval_s: float = MIN_REDRAW_S):
+    With ``background`` (the trainer's setting) the periodic redraws run in a thread, so the training loop never
+    waits on matplotlib (about 0.3-1 s a redraw on a CPU); a redraw still running when the next one is due is not
+    queued. The final redraw waits for it and then draws in the caller's thread. matplotlib's Figure API (no pyplot)
+    keeps no global state, so the thread shares nothing with the loop but metrics.jsonl, which it only reads."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, min_interval_s: float = MIN_REDRAW_S,
+                 background: bool = False):
         self.run_dir, self.enabled, self.min_interval_s = Path(run_dir), enabled, min_interval_s
+        self.background = background
         self.last_draw = time.monotonic()  # the first redraw after min_interval_s: a short run draws once, at the end
         self.evals_drawn_through: float | None = None
         self.seconds: list[float] = []
         """Time each redraw took, for the record."""
+        self._thread: threading.Thread | None = None
 
     def update(self, final: bool = False) -> None:
         if not self.enabled:
@@ -175,7 +184,27 @@ class CurveWriter:
         now = time.monotonic()
         if not final and now - self.last_draw < self.min_interval_s:
             return
+        if final:
+            self.wait()
+        elif self._thread is not None and self._thread.is_alive():
+            return  # the previous redraw is still running: skip this one
         self.last_draw = now
+        if self.background and not final:
+            self._thread = threading.Thread(target=self._draw, name="clipline-curves", daemon=True)
+            self._thread.start()
+        else:
+            self._draw()
+
+    def wait(self) -> None:
+        """Block until a background redraw in progress has finished."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _draw(self) -> None:
+        if not self.enabled:
+            return
+        start = time.monotonic()
         try:
             # eval panels only when a new eval was logged: with every metric of every dataset they cost the most
             written = plot_run(self.run_dir, skip_evals_through=self.evals_drawn_through)
@@ -185,7 +214,7 @@ class CurveWriter:
             log.warning("training curves not drawn (%s: %s); training goes on without them", type(e).__name__, e)
             self.enabled = False
             return
-        self.seconds.append(time.monotonic() - now)
+        self.seconds.append(time.monotonic() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
