@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from clipline import storage
 from clipline.errors import UsageError
 from clipline.io import fsync_dir
 
@@ -32,8 +33,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
-    """Write every file into a hidden temp folder, mark it complete, then rename it into place."""
+def save_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path | str:
+    """Write every file into a hidden temp folder, mark it complete, then rename it into place. A remote ``root``
+    (s3://...): the folder is written in a local staging folder (storage.cache_dir), then uploaded file by file with
+    the marker last, so an upload cut short leaves a folder without it, which never counts."""
+    if storage.is_remote(root):
+        return _upload_checkpoint(root, step, writers)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -90,8 +95,28 @@ def _disk_full_message(root: Path, step: int) -> str:
             f"removed): free space there or point train.output_dir at a disk with room; {kept}")
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest step first (by step number, never by file time)."""
+def _upload_checkpoint(root: str, step: int, writers: dict[str, Callable[[Path], None]]) -> str:
+    staging = storage.local_cache("staging", root)
+    local = save_checkpoint(staging, step, writers)
+    final = str(storage.join(root, step_dir_name(step)))
+    try:
+        storage.remove(final)  # the same step saved again (e.g. after a resume): its old marker must go first
+        storage.put_folder(local, final, last=(MARKER,))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path | str]]:
+    """Complete checkpoints under ``root`` (a folder or a bucket prefix), oldest step first (by step number,
+    never by file time)."""
+    if storage.is_remote(root):
+        found = []
+        for child in storage.listdir(root):
+            m = _STEP_DIR.match(storage.name(child))
+            if m and storage.exists(storage.join(child, MARKER)):
+                found.append((int(m.group(1)), child))
+        return sorted(found)
     root = Path(root)
     if not root.is_dir():
         return []
@@ -103,24 +128,35 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
+def latest_checkpoint(root: str | Path) -> Path | str | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path | str]:
     found = list_checkpoints(root)
     removed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove(path)
+    if storage.is_remote(root):
+        # Uploads cut short (no marker) older than the newest complete checkpoint will never complete.
+        newest = found[-1][0] if found else -1
+        for child in storage.listdir(root):
+            m = _STEP_DIR.match(storage.name(child))
+            if m and int(m.group(1)) < newest and not storage.exists(storage.join(child, MARKER)):
+                storage.remove(child)
+        return removed
     # Temp folders left by a process killed mid-write are garbage once a newer checkpoint exists.
     for child in Path(root).glob(".tmp-step_*"):
         shutil.rmtree(child, ignore_errors=True)
     return removed
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a ``checkpoints/`` folder, or a training run folder; return one checkpoint."""
+def resolve_checkpoint(path: str | Path) -> Path | str:
+    """Accept a checkpoint folder, a ``checkpoints/`` folder, or a training run folder; return one checkpoint
+    (a location of the same kind: a remote one stays remote, see :func:`fetch_checkpoint`)."""
+    if storage.is_remote(path):
+        return _resolve_remote(str(path))
     p = Path(path)
     if p.is_file():
         raise UsageError(_file_is_no_checkpoint(p))
@@ -135,6 +171,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 f"being written; use an earlier step")
     raise FileNotFoundError(f"no complete checkpoint found at {p}: pass a checkpoint folder (step_NNNNNNNN) or a "
                             f"training run folder that has checkpoints/")
+
+
+def _resolve_remote(path: str) -> str:
+    storage.check_reachable(storage.parent(path) if _STEP_DIR.match(storage.name(path)) else path, "checkpoint at")
+    if storage.exists(storage.join(path, MARKER)):
+        return path
+    for candidate in (storage.join(path, "checkpoints"), path):
+        latest = latest_checkpoint(candidate)
+        if latest is not None:
+            return str(latest)
+    if _STEP_DIR.match(storage.name(path)) and storage.listdir(path):
+        raise FileNotFoundError(f"checkpoint {storage.redact(path)} is incomplete (no {MARKER} marker): its upload "
+                                f"was interrupted; use an earlier step")
+    raise FileNotFoundError(f"no complete checkpoint found at {storage.redact(path)}: pass a checkpoint folder "
+                            f"(step_NNNNNNNN) or a training run folder that has checkpoints/")
+
+
+def fetch_checkpoint(path: str | Path) -> Path:
+    """A local folder holding checkpoint ``path``: itself when local; for a remote one, a copy downloaded into
+    storage.cache_dir/checkpoints (reused when already complete there), the marker last."""
+    if not storage.is_remote(path):
+        return Path(path)
+    local = storage.local_cache("checkpoints", path)
+    if (local / MARKER).is_file():
+        return local
+    shutil.rmtree(local, ignore_errors=True)
+    tmp = local.with_name(f".tmp-{local.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    storage.get_folder(path, tmp)
+    if not (tmp / MARKER).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileNotFoundError(f"checkpoint {storage.redact(path)} has no {MARKER} marker: it is incomplete")
+    os.replace(tmp, local)
+    return local
 
 
 def _file_is_no_checkpoint(path: Path) -> str:
@@ -202,3 +272,63 @@ def check_weights_file(path: str | Path, what: str = "weights file") -> None:
     problem = weights_file_problem(path)
     if problem:
         raise UsageError(f"{what} {path} is truncated or corrupt ({problem}); copy or download it again")
+
+
+SHARDS = "sharded"
+"""The torch.distributed.checkpoint folder inside a checkpoint written under train.parallel=fsdp: model and
+optimizer state, one file per rank plus DCP's .metadata, which resharding reads to load at another world size."""
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, state: dict, writers: dict[str, Callable[[Path], None]],
+                            rank: int) -> Path:
+    """A checkpoint whose model and optimizer ``state`` (DTensors) every rank writes its own shards of.
+
+    Collective: every rank calls it. All ranks write their shards (torch.distributed.checkpoint) into one hidden
+    temp folder, which returns once every shard and DCP's metadata are on disk; then rank 0 writes ``writers``
+    (the rank-independent files), fsyncs, writes the COMPLETE marker last and renames the folder into place.
+    A process killed anywhere before the rename leaves only a temp folder, which resume ignores."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-sharded"  # one name for every rank: the pid differs per rank
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / SHARDS))
+        dist.barrier()
+        if rank == 0:
+            for dirpath, _, files in os.walk(tmp / SHARDS):
+                for name in files:
+                    with open(Path(dirpath) / name, "rb+") as f:
+                        os.fsync(f.fileno())
+            for name, write in writers.items():
+                write(tmp / name)
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+            (tmp / MARKER).write_text(f"{step}\n")
+            fsync_dir(tmp / SHARDS)
+            fsync_dir(tmp)
+            if final.exists():
+                stale = root / f".stale-{final.name}-{os.getpid()}"
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(root)
+    except BaseException as e:
+        full = rank == 0 and isinstance(e, Exception) and _out_of_space(e, tmp)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFullError(_disk_full_message(root, step)) from e
+        raise
+    dist.barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDS / ".metadata").is_file()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from clipline import storage
 from clipline.io import atomic_write_json
 
 
@@ -89,17 +90,18 @@ def cpu_info() -> dict:
             "native_bf16": native, "native_bf16_reason": why}
 
 
-def _train_precision(train_dir: Path) -> str | None:
-    """The precision the training run used, from its saved (resolved) config."""
-    path = train_dir / "config.yaml"
-    if not path.is_file():
+def _train_precision(train_dir: str | Path) -> str | None:
+    """The precision the training run used, from its saved (resolved) config (a bucket run folder too)."""
+    path = storage.join(train_dir, "config.yaml")
+    if not storage.isfile(path):
         return None
-    return (yaml.safe_load(path.read_text()) or {}).get("train", {}).get("precision")
+    return (yaml.safe_load(storage.read_text(path)) or {}).get("train", {}).get("precision")
 
 
-def write_summary(eval_dir: Path, train_dir: Path, stage_seconds: dict[str, float], steps: int) -> dict:
-    """Read results.json (and the training run's config), write demo_summary.json, return the summary."""
-    records = json.loads((eval_dir / "results.json").read_text())
+def write_summary(eval_dir: str | Path, train_dir: str | Path, stage_seconds: dict[str, float], steps: int) -> dict:
+    """Read results.json (and the training run's config), write demo_summary.json, return the summary. Either
+    folder may be in a bucket (storage locations); the summary is then put there in one whole-object write."""
+    records = json.loads(storage.read_text(storage.join(eval_dir, "results.json")))
     metrics = headline_metrics(records)
     eval_precisions = sorted({r.get("precision") for r in records if r.get("precision")})
     summary = {
@@ -112,7 +114,11 @@ def write_summary(eval_dir: Path, train_dir: Path, stage_seconds: dict[str, floa
         "total_seconds": round(sum(stage_seconds.values()), 1),
         "cpu": cpu_info(),
     }
-    atomic_write_json(eval_dir / SUMMARY, summary)
+    target = storage.join(eval_dir, SUMMARY)
+    if storage.is_remote(target):
+        storage.write_text(target, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    else:
+        atomic_write_json(target, summary)
     return summary
 
 

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import braceexpand
-
+from clipline import storage
 from clipline.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -38,27 +37,46 @@ class ShardManifest:
     stats: dict = field(default_factory=dict)
     """Counts of what was downloaded, failed and filtered, by reason."""
     config: dict = field(default_factory=dict)
+    checksums: dict[str, dict] = field(default_factory=dict)
+    """Shard -> {"bytes": file size, "sha256": hex digest}; `clipline prep --verify FOLDER` checks them."""
 
     def write(self, folder: str | Path) -> None:
-        atomic_write_json(Path(folder) / MANIFEST_FILE, asdict(self))
+        """Into a local folder or a bucket prefix, atomically (temp file + rename, or one whole-object put)."""
+        _write_json(storage.join(folder, MANIFEST_FILE), asdict(self))
 
     @classmethod
     def read(cls, folder: str | Path) -> "ShardManifest":
-        return cls(**json.loads((Path(folder) / MANIFEST_FILE).read_text()))
+        manifest = cls(**json.loads(storage.read_text(storage.join(folder, MANIFEST_FILE))))
+        for shard in manifest.shards:  # data never gets to run a shell command
+            storage.check_not_pipe(shard, f"{storage.redact(folder)}/{MANIFEST_FILE}")
+        return manifest
+
+
+def _write_json(location: str | Path, obj) -> None:
+    if storage.is_remote(location):
+        storage.write_text(location, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    else:
+        atomic_write_json(location, obj)
 
 
 def write_sizes(folder: str | Path, sizes: dict[str, int]) -> None:
-    atomic_write_json(Path(folder) / SIZES_FILE, dict(sorted(sizes.items())))
+    _write_json(storage.join(folder, SIZES_FILE), dict(sorted(sizes.items())))
 
 
 def list_shards(spec: str) -> list[str]:
-    """Shard paths from a folder (every ``*.tar`` in it), a brace pattern like ``dir/{00000..00009}.tar``, or a
-    brace pattern of folders like ``shards/part-{0..7}`` (the output of a prep job array)."""
+    """Shard locations from a folder (every ``*.tar`` in it), a brace pattern like ``dir/{00000..00009}.tar``, or a
+    brace pattern of folders like ``shards/part-{0..7}`` (the output of a prep job array). Any of them may be a
+    URL (``s3://bucket/laion/{00000..09999}.tar``, a bucket prefix, https://...) or a ``pipe:CMD`` spec, which is
+    taken as written (it runs a shell command: accept it only from the user's own config)."""
+    if storage.is_pipe(spec):
+        return list(storage.expand(spec))
+    expanded = storage.expand(spec)
+    if any(storage.is_remote(item) for item in expanded):
+        return _list_remote_shards(spec, expanded)
     shards: list[str] = []
     missing: list[str] = []
-    expanded = list(braceexpand.braceexpand(spec))
     for item in expanded:
-        p = Path(item)
+        p = storage.local_path(item)
         if p.is_dir():
             found = sorted(str(s) for s in p.glob("*.tar"))
             if not found:
@@ -66,7 +84,7 @@ def list_shards(spec: str) -> list[str]:
                                         f"folder")
             shards += found
         elif p.is_file():
-            shards.append(item)
+            shards.append(str(p))
         else:
             missing.append(item)
     if missing:
@@ -75,17 +93,51 @@ def list_shards(spec: str) -> list[str]:
     return shards
 
 
+def _list_remote_shards(spec: str, expanded: list[str]) -> list[str]:
+    """Remote shards: a pattern of .tar names is trusted as is (listing 40,000 objects one by one would take
+    minutes; a missing one is skipped and counted when read); anything else is a prefix, listed."""
+    first = expanded[0]
+    # A web server may not list folders: check the first shard itself there, the bucket prefix elsewhere.
+    web = storage.protocol(first) in ("http", "https")
+    storage.check_reachable(first if web or not first.endswith(_SHARD_SUFFIXES) else storage.parent(first),
+                            "shards at")
+    if all(item.endswith(_SHARD_SUFFIXES) for item in expanded):
+        if not web and not storage.exists(first):
+            raise FileNotFoundError(f"shard {storage.redact(first)} (the first of {storage.redact(spec)!r}) does not "
+                                    f"exist: check the bucket, the prefix and the brace pattern")
+        return expanded
+    shards = []
+    for item in expanded:
+        found = storage.glob_suffix(item, _SHARD_SUFFIXES)
+        if not found:
+            raise FileNotFoundError(f"no .tar shards under {storage.redact(item)}: run `clipline prep` first or point "
+                                    f"at a shard folder")
+        shards += found
+    return shards
+
+
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def dataset_size(shards: list[str]) -> int | None:
-    """Total samples from the sizes.json beside the shards, or None where there is none."""
-    folders = {str(Path(s).parent) for s in shards}
+    """Total samples from the sizes.json beside the shards (local or remote), or None where there is none."""
+    if any(storage.is_pipe(s) for s in shards):
+        return None
+    folders = {str(storage.parent(s)) for s in shards}
     sizes: dict[str, int] = {}
     for folder in folders:
-        path = Path(folder) / SIZES_FILE
-        if not path.is_file():
+        path = storage.join(folder, SIZES_FILE)
+        try:
+            if not storage.is_remote(folder) and not Path(path).is_file():
+                return None
+            counts = json.loads(storage.read_text(path))
+        except (OSError, ValueError) as e:
+            if storage.is_remote(folder):
+                log.info("no readable %s: %s", storage.redact(path), storage.scrub(str(e)))
             return None
-        sizes.update({str(Path(folder) / k): v for k, v in json.loads(path.read_text()).items()})
+        sizes.update({str(storage.join(folder, k)): v for k, v in counts.items()})
     try:
-        return sum(sizes[s] for s in shards)
+        return sum(sizes[str(storage.join(storage.parent(s), storage.name(s)))] for s in shards)
     except KeyError:
         return None
 
@@ -157,7 +209,7 @@ def iter_tar_members(f, skipped: Counter | None = None) -> Iterator[tuple[str, b
 
 def _members(path: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
     if path.endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")):  # compressed shards: the slower general reader
-        with tarfile.open(path, "r|*") as tar:
+        with storage.open_read(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 f = tar.extractfile(member) if member.isfile() else None
                 if f is not None:
@@ -167,7 +219,7 @@ def _members(path: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
                 elif member.isdev() or member.isfifo():
                     skipped["special_member"] += 1
         return
-    with open(path, "rb", buffering=1 << 20) as f:
+    with storage.open_read(path) as f:  # a local file, a remote object (retried, resumed) or a pipe: command
         yield from iter_tar_members(f, skipped)
 
 
@@ -196,7 +248,7 @@ def iter_keyed_samples(path: str, skipped: Counter) -> Iterator[tuple[str, dict[
             sample[ext.lower()] = data
     except (TarFormatError, tarfile.TarError, OSError, EOFError, ValueError) as e:
         skipped["unreadable_shard"] += 1
-        log.warning("skipping the rest of shard %s: %s", path, e)
+        log.warning("skipping the rest of shard %s: %s", storage.redact(path), storage.scrub(str(e)))
         sample = {}  # the sample being read when the damage was found may be missing files
     if sample:
         yield current_key, sample

@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from clipline import storage
 from clipline.config import Config
 from clipline.errors import UsageError
 from clipline.io import atomic_write_text
@@ -26,7 +27,10 @@ DEMO_STAMP = "demo_source.sha256"
 
 def main(cfg: Config) -> int:
     d = cfg.demo
-    source = Path(d.source_dir)
+    # Scenes are served over HTTP from a local folder; with run.output_dir in a bucket they are generated in the
+    # storage cache and only the URL lists go to the bucket, where `clipline prep` reads them.
+    source = storage.local_cache("demo_source", d.source_dir) if storage.is_remote(d.source_dir) else \
+        Path(d.source_dir)
     start = time.perf_counter()
     eval_split = write_demo_split(source / "eval", n=d.num_eval, seed=d.seed + 1, image_size=d.image_size,
                                   captions_per_image=d.captions_per_eval_image)
@@ -38,22 +42,34 @@ def main(cfg: Config) -> int:
                                        ("eval", eval_split, d.eval_output_dir)):
         # The served URLs change with the server's port, so "same data" is judged on the generated split.
         digest = hashlib.sha256(parquet.read_bytes()).hexdigest()
-        stamp = Path(output_dir) / DEMO_STAMP
-        if stamp.is_file() and stamp.read_text().strip() == digest and (Path(output_dir) / MANIFEST_FILE).is_file():
+        stamp = storage.join(output_dir, DEMO_STAMP)
+        made = storage.isfile(stamp)
+        if made and storage.read_text(stamp).strip() == digest and storage.isfile(storage.join(output_dir,
+                                                                                                MANIFEST_FILE)):
             print(f"{split} shards in {output_dir} are up to date", flush=True)
             continue
-        if Path(output_dir).exists() and any(Path(output_dir).iterdir()) and not stamp.is_file():
+        if storage.listdir(output_dir) and not made:
             raise UsageError(f"{output_dir} exists and was not made by `clipline demo`; point the demo elsewhere "
                              f"(run.output_dir=...) rather than overwrite it")
-        shutil.rmtree(output_dir, ignore_errors=True)  # the demo's own shards, from other demo settings
+        if storage.is_remote(output_dir):  # the demo's own shards, from other demo settings
+            storage.remove(output_dir)
+            shutil.rmtree(storage.local_cache("prep", output_dir), ignore_errors=True)
+        else:
+            shutil.rmtree(output_dir, ignore_errors=True)
         with LocalImageServer(parquet.parent) as server:
-            urls = write_url_list(parquet, server, source / f"{split}_urls.parquet")
+            urls: str | Path = write_url_list(parquet, server, source / f"{split}_urls.parquet")
+            if storage.is_remote(d.source_dir):
+                storage.put_file(urls, storage.join(d.source_dir, urls.name))
+                urls = storage.join(d.source_dir, urls.name)
             prep_cfg = dataclasses.replace(cfg.prep, url_list=str(urls), output_dir=output_dir,
                                            allow_private_networks=True)
             start = time.perf_counter()
             manifest = run_prep(prep_cfg)
             served_from = server.base_url
-        atomic_write_text(stamp, digest + "\n")
+        if storage.is_remote(stamp):
+            storage.write_text(stamp, digest + "\n")
+        else:
+            atomic_write_text(stamp, digest + "\n")
         print(f"\n{split} split, served from {served_from} ({time.perf_counter() - start:.1f}s):\n"
               + render_report(manifest), flush=True)
     return 0

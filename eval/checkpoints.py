@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from clipline.checkpoint import MARKER, check_weights_file, list_checkpoints, resolve_checkpoint
+from clipline import storage
+from clipline.checkpoint import (MARKER, check_weights_file, fetch_checkpoint, list_checkpoints,
+                                 resolve_checkpoint)
 from clipline.config import EvalConfig
 from clipline.errors import UsageError
 from clipline.models import ModelBundle, load_checkpoint_model, register_architecture
@@ -52,6 +54,8 @@ def _expand(spec: str, all_steps: bool) -> list[Checkpoint]:
         raise UsageError(f"checkpoint {spec!r}: nothing is downloaded; save the model to a folder and pass that")
     if spec.startswith("local-dir:"):
         spec = spec[len("local-dir:"):]
+    if storage.is_remote(spec):  # a checkpoint or run folder in a bucket: evaluated from a local copy
+        return _expand_remote(spec, all_steps)
     p = Path(spec)
     if not p.exists() and ":" in spec:
         arch, _, weights = spec.partition(":")
@@ -77,6 +81,18 @@ def _expand(spec: str, all_steps: bool) -> list[Checkpoint]:
         return [Checkpoint("open_clip_dir", str(path)) for _, path in found]
     except FileNotFoundError as e:
         raise UsageError(f"{e}; or an open_clip model folder, a Hugging Face CLIP folder, or ARCH:WEIGHTS") from None
+
+
+def _expand_remote(spec: str, all_steps: bool) -> list[Checkpoint]:
+    try:
+        if not all_steps:
+            return [Checkpoint("open_clip_dir", str(fetch_checkpoint(resolve_checkpoint(spec))))]
+        found = list_checkpoints(storage.join(spec, "checkpoints")) or list_checkpoints(spec)
+        if not found:
+            resolve_checkpoint(spec)  # raises the no-checkpoint error
+        return [Checkpoint("open_clip_dir", str(fetch_checkpoint(path))) for _, path in found]
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
 
 
 def _is_hf_clip(folder: Path) -> bool:

@@ -22,10 +22,12 @@ from typing import Any
 
 import braceexpand
 
+from clipline import storage
 from clipline.config import EvalDatasetConfig
 from clipline.errors import UsageError
 from clipline.shards import unsafe_member_name
 from eval.images import ImageRef, TarMember
+from eval.remote import is_remote_dataset, localize
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class SplitCache:
 
     def __init__(self) -> None:
         self.scans: dict[tuple, _Scan] = {}
+        self.local: dict = {}
+        """Remote location -> its local mirror (eval.remote), refreshed once per suite."""
 
     def get(self, key: tuple, scan) -> _Scan:
         if key not in self.scans:
@@ -91,10 +95,13 @@ class SplitCache:
 def load_split(ds: EvalDatasetConfig, role: str = "test", cache: SplitCache | None = None) -> EvalSplit:
     """The images and targets of one split of ``ds``: role 'test' (path/split), 'train' or 'val' (linear probe)."""
     cache = cache or SplitCache()
+    shown = storage.redact(_location(ds, role)[0])  # messages name the bucket location, not the local mirror
+    if is_remote_dataset(ds):
+        ds = localize(ds, cache.local)
     root, split = _location(ds, role)
     fmt = detect_format(ds, root, split)
     split = _default_split(ds, fmt, role, root, split)
-    where = f"eval dataset {ds.name!r} ({role} split {fmt}:{root}{'/' + split if split else ''})"
+    where = f"eval dataset {ds.name!r} ({role} split {fmt}:{shown}{'/' + split if split else ''})"
     if ds.task == "retrieval" and fmt in ("imagefolder", "torchvision"):
         raise UsageError(f"{where}: retrieval needs captions, which a {fmt} dataset does not have (use shards, "
                          f"clip_benchmark_wds or a CSV with a caption column)")
@@ -122,7 +129,10 @@ def load_split(ds: EvalDatasetConfig, role: str = "test", cache: SplitCache | No
 
 def check_dataset(ds: EvalDatasetConfig) -> str:
     """The format of ``ds``'s test split, found without reading its samples: a UsageError when its path is missing,
-    empty or of no known layout (cheap enough to run before a long job starts)."""
+    empty or of no known layout (cheap enough to run before a long job starts). A dataset in a bucket is copied
+    to its local mirror here (eval.remote), which the first eval then reuses."""
+    if is_remote_dataset(ds):
+        ds = localize(ds)
     root, split = _location(ds, "test")
     if "{" not in root and not Path(root).exists():
         raise UsageError(f"eval dataset {ds.name!r}: {root} does not exist (set path to the dataset's folder or "

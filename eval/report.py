@@ -11,8 +11,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from clipline import storage
 from clipline.config import EvalConfig, config_to_yaml
 from clipline.io import atomic_write, atomic_write_json, atomic_write_text
+from eval.remote import results_folder, upload_results
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +27,25 @@ def is_headline(record: dict) -> bool:
     return not record["metric"].startswith("recall[")
 
 
-def write_results(cfg: EvalConfig, records: list[dict]) -> list[Path]:
-    out = Path(cfg.output_dir)
-    atomic_write_json(out / "results.json", records)
+def write_results(cfg: EvalConfig, records: list[dict]) -> list[Path | str]:
+    """Write the results files (each atomically) and return the plots. A bucket output_dir gets them through a
+    local mirror (storage.cache_dir/eval/...), uploaded with results.json last; other objects there are kept."""
+    out = results_folder(cfg.output_dir)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_text(out / "results.md", markdown_table(records))
-    atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
-    return plot_over_steps(records, out / "plots")
+    # A location's user:password@ never reaches the saved config.
+    atomic_write_text(out / "config.yaml", storage.redact(config_to_yaml(cfg)))
+    plots = plot_over_steps(records, out / "plots")
+    atomic_write_json(out / "results.json", records)
+    if not storage.is_remote(cfg.output_dir):
+        return plots
+    written = [out / n for n in ("results.csv", "results.md", "config.yaml", "results.json")] + plots
+    uploaded = upload_results(out, cfg.output_dir, written)
+    return [storage.redact(u) for u in uploaded if u.endswith(".png")]
 
 
 def _checkpoints(records: list[dict]) -> list[tuple[str, int | None]]:

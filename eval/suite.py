@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clipline import storage
 from clipline.config import Config, EvalConfig, EvalDatasetConfig, LinearProbeConfig
 from clipline.dist import pick_device
 from clipline.errors import UsageError
@@ -64,6 +65,8 @@ class EvalContext:
 def run_suite(cfg: EvalConfig) -> list[dict]:
     if not cfg.datasets:
         raise UsageError("eval.datasets is empty: list the datasets to evaluate (see configs/demo.yaml)")
+    if storage.is_remote(cfg.output_dir):  # a wrong bucket or credentials fail now, not after the whole suite
+        storage.check_reachable(storage.root_of(cfg.output_dir), "eval.output_dir bucket")
     checkpoints = expand_checkpoints(cfg)
     ctx = EvalContext.from_config(cfg, pick_device(cfg.device, 0))
     _say(ctx.precision_choice.line())

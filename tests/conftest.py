@@ -114,3 +114,62 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# -- a loopback S3 server (tests/test_storage.py) ---------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{what} did not listen on 127.0.0.1:{port} in {timeout} s"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with signatures checked: one IAM user whose key pair is returned (the first
+    three requests, unauthenticated, create it). Installs moto[server] and s3fs when missing."""
+    from types import SimpleNamespace
+
+    try:
+        import moto  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError:
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "moto[server]", "s3fs"], capture_output=True,
+                                text=True, timeout=600)
+        require_or_skip(result.returncode == 0, f"pip could not install moto[server] s3fs: {result.stderr[-500:]}")
+    import boto3
+
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        wait_for_port(port, proc, "moto_server")
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="clipline")
+        key = iam.create_access_key(UserName="clipline")["AccessKey"]
+        iam.put_user_policy(UserName="clipline", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        yield SimpleNamespace(endpoint=endpoint, port=port, key=key["AccessKeyId"], secret=key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

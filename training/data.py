@@ -9,6 +9,11 @@ The trainer records the position of every stream after each consumed batch; on r
 through its tar bytes (no image is decoded) to its recorded position, so the batch sequence goes on as if never
 interrupted.
 
+Shards may be remote (s3://, gs://, https://): each is streamed through a read-ahead block cache, a transient
+error is retried with backoff and the read resumes at the byte where it stopped (clipline.storage.RetryingReader),
+so positions, and with them the resume contract, are the same as for local shards. A shard still failing after
+storage.retries retries, or gone, is skipped from there and counted (unreadable_shard) like a corrupt one.
+
 Samples that cannot be used (unreadable tar member, missing image or caption, undecodable image, non-UTF-8 or
 empty caption) are skipped and counted, never fatal.
 """
@@ -25,6 +30,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipline import storage
+from clipline.config import StorageConfig
 from clipline.shards import iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -67,13 +74,16 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int, decode: Callable[[bytes, random.Random], torch.Tensor],
                  tokenizer: Callable, n_streams: int,
                  state: StreamState | None = None, resampled: bool = False,
-                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 storage_cfg: StorageConfig | None = None):
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.batch_size = list(shards), batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.n_streams, self.resampled = shuffle_buffer, n_streams, resampled
         self.decode, self.tokenizer, self.batch_transform = decode, tokenizer, batch_transform
+        # Remote shards are read with these options in every worker, however the worker was started.
+        self.storage_cfg = storage_cfg or storage.current()
         self.state = state or StreamState(positions=[0] * n_streams)
         if len(self.state.positions) != n_streams:
             raise ValueError(f"stream state has {len(self.state.positions)} streams, expected {n_streams}")
@@ -172,6 +182,7 @@ class ShardStream(IterableDataset):
                 f"train.image_pipeline=open_clip")
 
     def __iter__(self) -> Iterator[Batch]:
+        storage.configure(self.storage_cfg)
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if n_workers != self.n_streams:
