@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -96,19 +97,51 @@ def create_model(cfg: ModelConfig, device: torch.device | str = "cpu", objective
     init = {"init_logit_scale": cfg.init_logit_scale if cfg.init_logit_scale is not None else scale}
     if cfg.init_logit_bias is not None or bias is not None:
         init["init_logit_bias"] = cfg.init_logit_bias if cfg.init_logit_bias is not None else bias
+    pretrained = _pretrained_file(cfg.pretrained)
+    model_cfg = {**_model_cfg(arch), **init}
+    text_cfg = _hf_text_cfg_here(model_cfg, arch, cfg.hf_text_model)
+    if text_cfg is not None:  # replaces open_clip's text_cfg whole, so it says itself where the tower's weights are
+        loads_weights = bool(pretrained) or arch.startswith("local-dir:")
+        init["text_cfg"] = text_cfg = {**text_cfg, "hf_model_pretrained": not loads_weights}
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=_pretrained_file(cfg.pretrained), device=device, output_dict=True, **init)
+        arch, pretrained=pretrained, device=device, output_dict=True, **init)
     if cfg.lock_image:
         model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
-    if cfg.lock_text:
+    if cfg.lock_text and _is_hf_text(model) and cfg.lock_text_unlocked_layers:
+        _lock_hf_text_tower(model.text, cfg.lock_text_unlocked_layers)
+    elif cfg.lock_text:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     apply_lora(model, cfg)
-    tokenizer = open_clip.get_tokenizer(arch)
+    tokenizer = _tokenizer(arch, text_cfg)
     # The saved config must rebuild this exact model (a logit bias adds a parameter).
-    model_cfg = {**_model_cfg(arch), **init}
-    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, arch, model_cfg)
+    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, arch, {**model_cfg, **init})
+
+
+def _is_hf_text(model: torch.nn.Module) -> bool:
+    """Whether the text tower is open_clip's Hugging Face adapter (HFTextEncoder)."""
+    return hasattr(getattr(model, "text", None), "transformer") and hasattr(model.text, "config")
+
+
+def _lock_hf_text_tower(text: torch.nn.Module, unlocked_layers: int) -> None:
+    """Freeze a Hugging Face text tower but its last ``unlocked_layers`` layers (and the projection above it), as
+    open_clip's HFTextEncoder.lock does: the embeddings and the layers below are frozen, LayerNorms included.
+    Ours because open_clip 3.3.0's table names no layers for BERT (its lock raises KeyError 'layer_attr')."""
+    n = getattr(text.config, "num_hidden_layers", None)
+    layers = next((m for m in text.transformer.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n),
+                  None)
+    if layers is None:
+        raise UsageError(f"model.lock_text_unlocked_layers: the layers of this Hugging Face text tower "
+                         f"({text.config.model_type}) cannot be found; set it to 0 (all frozen), or use "
+                         f"model.lora_text instead of model.lock_text")
+    if unlocked_layers > n:
+        raise UsageError(f"model.lock_text_unlocked_layers={unlocked_layers} but the text tower has {n} layers: "
+                         f"at most {n} (then only its embeddings stay frozen)")
+    embeddings = getattr(text.transformer, "embeddings", None) or text.transformer.get_input_embeddings()
+    for module in [embeddings, *layers[:n - unlocked_layers]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
 
 
 def _model_cfg(arch: str) -> dict:
@@ -119,9 +152,102 @@ def _model_cfg(arch: str) -> dict:
 
 
 def open_clip_folder_config(bundle: ModelBundle) -> dict[str, Any]:
-    """The ``open_clip_config.json`` content that makes a checkpoint folder loadable as ``local-dir:``."""
+    """The ``open_clip_config.json`` content that makes a checkpoint folder loadable as ``local-dir:``. A Hugging
+    Face text tower is pointed at the folder itself (HF_HERE), where ``hf_tower_writers`` puts its files: write
+    both, or neither."""
     preprocess = dict(getattr(bundle.model.visual, "preprocess_cfg", {}) or {})
-    return {"model_cfg": bundle.model_cfg, "preprocess_cfg": preprocess, "clipline_arch": bundle.arch}
+    model_cfg = bundle.model_cfg
+    text = model_cfg.get("text_cfg") or {}
+    if text.get("hf_model_name"):
+        # hf_model_pretrained off: the tower's weights are in the folder's open_clip weights file, and open_clip
+        # builds it from config.json alone before loading them.
+        text = {**text, "hf_model_name": HF_HERE, "hf_model_pretrained": False}
+        if text.get("hf_tokenizer_name"):
+            text["hf_tokenizer_name"] = HF_HERE
+        model_cfg = {**model_cfg, "text_cfg": text}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess, "clipline_arch": bundle.arch}
+
+
+HF_HERE = "."
+"""Where a checkpoint's open_clip_config.json says its Hugging Face text tower's config and tokenizer are: the
+checkpoint folder itself, so it can move. open_clip.get_tokenizer('local-dir:DIR') reads the tokenizer from DIR
+whatever the name says; open_clip (transformers) resolves hf_model_name against the working directory, so plain
+open_clip and CLIP_benchmark load such a checkpoint when run from inside it; clipline resolves it against the
+checkpoint folder from anywhere."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""Either one makes a folder a Hugging Face tokenizer folder."""
+
+
+def hf_tower_writers(bundle: ModelBundle) -> dict[str, Callable[[Path], None]]:
+    """File name -> writer of what makes a checkpoint folder of a model with a Hugging Face text tower
+    self-contained: the tower's transformers config (config.json; not its weights, which the open_clip weights file
+    holds) and the tokenizer files. Empty for other models. Goes with ``open_clip_folder_config``."""
+    text = getattr(bundle.model, "text", None)
+    hf_config = getattr(text, "config", None)
+    text_cfg = bundle.model_cfg.get("text_cfg") or {}
+    if not text_cfg.get("hf_model_name") or hf_config is None:
+        return {}
+    files = {"config.json": hf_config.to_json_string().encode()}
+    hf_tokenizer = getattr(bundle.tokenizer, "tokenizer", None)
+    if text_cfg.get("hf_tokenizer_name") and hasattr(hf_tokenizer, "save_pretrained"):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_tokenizer.save_pretrained(tmp)
+            files.update({p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()})
+    return {name: (lambda path, data=data: path.write_bytes(data)) for name, data in files.items()}
+
+
+def _hf_text_cfg_here(model_cfg: dict, arch: str, hf_text_model: str = "") -> dict | None:
+    """The text_cfg of a Hugging Face text tower with paths that work from here, or None when nothing changes:
+    model.hf_text_model's folder in place of the architecture's, or a checkpoint's relative paths resolved against
+    the checkpoint folder (open_clip would resolve them against the working directory)."""
+    text = model_cfg.get("text_cfg") or {}
+    if not text.get("hf_model_name"):
+        if hf_text_model:
+            raise UsageError(f"model.hf_text_model={hf_text_model} but {arch} has no Hugging Face text tower "
+                             f"(its text_cfg has no hf_model_name): use a model JSON whose text_cfg names one, or "
+                             f"set model.hf_text_model=''")
+        return None
+    if hf_text_model:
+        if not (Path(hf_text_model) / "config.json").is_file():
+            raise UsageError(f"model.hf_text_model={hf_text_model} is not a Hugging Face model folder (no "
+                             f"config.json there): point it at the folder holding the model's config.json, "
+                             f"weights and tokenizer files")
+        out = {**text, "hf_model_name": hf_text_model}
+        if text.get("hf_tokenizer_name"):
+            out["hf_tokenizer_name"] = hf_text_model
+        return out
+    if not arch.startswith("local-dir:"):
+        return None
+    folder = Path(arch[len("local-dir:"):])
+    out = dict(text)
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text.get(key)
+        if not name:
+            continue
+        if not Path(name).is_absolute() and (folder / name).exists():
+            out[key] = str(folder / name)
+        elif Path(name).is_absolute() and not Path(name).exists():
+            raise UsageError(f"{folder}: open_clip_config.json's text_cfg.{key} is {name}, which is not on this "
+                             f"machine (a checkpoint written before checkpoints held their Hugging Face files): "
+                             f"copy that model folder there, or set {key} to a folder with its config.json and "
+                             f"tokenizer files")
+    return out if out != text else None
+
+
+def _tokenizer(arch: str, text_cfg: dict | None) -> Callable:
+    """open_clip's tokenizer for ``arch``; for a Hugging Face text tower whose files are elsewhere than open_clip
+    looks (model.hf_text_model, a checkpoint without tokenizer files), built from where ``text_cfg`` says."""
+    open_clip = _open_clip()
+    if text_cfg is None or not text_cfg.get("hf_tokenizer_name"):
+        return open_clip.get_tokenizer(arch)
+    folder = Path(arch[len("local-dir:"):]) if arch.startswith("local-dir:") else None
+    if folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return open_clip.get_tokenizer(arch)  # exactly what plain open_clip builds from the checkpoint
+    from open_clip.tokenizer import HFTokenizer
+
+    return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77),
+                       tokenizer_mode=text_cfg.get("tokenizer_mode"), **(text_cfg.get("tokenizer_kwargs") or {}))
 
 
 def save_model_weights(model: torch.nn.Module, path: Path) -> None:
@@ -146,11 +272,12 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: torch.device | str
             check_weights_file(folder / name, "checkpoint weights file")
             break
     arch = f"local-dir:{folder}"
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, device=device, output_dict=True)
-    tokenizer = open_clip.get_tokenizer(arch)
     model_cfg = json.loads(cfg_path.read_text())["model_cfg"]
-    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, arch, model_cfg)
+    text_cfg = _hf_text_cfg_here(model_cfg, arch)
+    extra = {} if text_cfg is None else {"text_cfg": {**text_cfg, "hf_model_pretrained": False}}
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        arch, device=device, output_dict=True, **extra)
+    return ModelBundle(model, preprocess_train, preprocess_val, _tokenizer(arch, text_cfg), arch, model_cfg)
 
 
 # --- LoRA through peft --------------------------------------------------------------------------------------------

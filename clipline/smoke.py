@@ -141,15 +141,17 @@ def _model_config(name: str) -> dict | None:
 
 def shrink_model_config(model_cfg: dict) -> dict | None:
     """The same architecture family (ViT with its patch size, or ResNet; the same text tower and tokenizer) at a
-    few layers, a small width and a small image; None when a tower comes from timm or Hugging Face, whose size is
-    in a name that cannot be shrunk."""
+    few layers, a small width and a small image. A tower from timm or Hugging Face, whose size is in a name that
+    cannot be shrunk, is kept as it is; None when both are."""
     vision, text = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
-    if vision.get("timm_model_name") or text.get("hf_model_name"):
+    if vision.get("timm_model_name") and text.get("hf_model_name"):
         return None
     out = dict(model_cfg, vision_cfg=vision, text_cfg=text)
     out["embed_dim"] = min(model_cfg.get("embed_dim", 128), 128)
     side = vision.get("image_size", 224)
-    if isinstance(vision.get("layers"), (list, tuple)):  # ModifiedResNet: stages of bottleneck blocks
+    if vision.get("timm_model_name"):
+        small = side  # its size is in its name: kept as it is
+    elif isinstance(vision.get("layers"), (list, tuple)):  # ModifiedResNet: stages of bottleneck blocks
         vision["layers"] = [1] * len(vision["layers"])
         vision["width"] = min(vision.get("width", 64), 16)
         small = IMAGE_SIDE
@@ -160,9 +162,10 @@ def shrink_model_config(model_cfg: dict) -> dict | None:
         small = patch * max(2, IMAGE_SIDE // patch)
     if isinstance(side, int) and side > small:
         vision["image_size"] = small
-    text["layers"] = min(text.get("layers", 12), 2)
-    text["width"] = min(text.get("width", 512), 128)
-    text["heads"] = min(text.get("heads", 8), 2)
+    if not text.get("hf_model_name"):
+        text["layers"] = min(text.get("layers", 12), 2)
+        text["width"] = min(text.get("width", 512), 128)
+        text["heads"] = min(text.get("heads", 8), 2)
     return out
 
 
@@ -186,10 +189,12 @@ def shrink_model(cfg: Config) -> list[str]:
     os.replace(tmp, path)  # every rank of a launch may write it: whole files only
     ch.set(cfg.model, "model", "name", str(path))
     v, s = small["vision_cfg"], model_cfg["vision_cfg"]
-    ch.note(f"  (image tower {s.get('layers')} layers x {s.get('width')} wide at {s.get('image_size')} px -> "
-            f"{v['layers']} x {v['width']} at {v.get('image_size')} px; text tower "
-            f"{model_cfg['text_cfg'].get('layers')} x {model_cfg['text_cfg'].get('width')} -> "
-            f"{small['text_cfg']['layers']} x {small['text_cfg']['width']}; embed_dim {small['embed_dim']})")
+    t, u = small["text_cfg"], model_cfg["text_cfg"]
+    image = ("kept (timm)" if v.get("timm_model_name") else f"{s.get('layers')} layers x {s.get('width')} wide at "
+             f"{s.get('image_size')} px -> {v['layers']} x {v['width']} at {v.get('image_size')} px")
+    text = ("kept (Hugging Face)" if t.get("hf_model_name") else
+            f"{u.get('layers')} x {u.get('width')} -> {t['layers']} x {t['width']}")
+    ch.note(f"  (image tower {image}; text tower {text}; embed_dim {small['embed_dim']})")
     if cfg.model.pretrained:
         ch.set(cfg.model, "model", "pretrained", "")
         ch.note("  (the pretrained weights fit the full model, not the shrunk one; locks and LoRA still apply)")
