@@ -5,7 +5,7 @@ for the length of one call this module swaps those names for subclasses defined 
 ordinary importable classes, so they survive the trip to spawned worker processes and Spark executors, where:
 
 - ``GuardedDownloader`` fetches every image with :func:`data_prep.fetch.fetch` (deadline, connect-time address
-  guard, byte cap, Content-Type, robots.txt, no retry of 404s, decompression-bomb check) instead of img2dataset's
+  guard, byte cap, image bytes over Content-Type, robots.txt, no retry of 404s, decompression-bomb check) instead of img2dataset's
   bare ``urlopen``;
 - both exit when the process that started them dies (after a ``kill -9`` of ``clipline prep`` a worker left
   running would keep writing shards that the resumed run writes too).
@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -86,11 +88,35 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
 
 
 def _fetch_for_img2dataset(row, timeout, retries, user_agent_token, disallowed_header_directives, *,
-                           policy: FetchPolicy):
+                           policy: FetchPolicy, notes: Counter):
     # The signature of img2dataset.downloader.download_image_with_retry; its own arguments are in `policy`.
     key, url = row
-    data, error = fetch(url, policy)
+    data, error = fetch(url, policy, notes=notes)
     return key, (io.BytesIO(data) if data is not None else None), error
+
+
+FETCH_NOTES = "fetch_notes/{shard_id:05d}.json"
+"""Per downloaded shard, in a folder of its own (img2dataset's logger reads every *.json beside its stats): counts
+img2dataset has no place for (images whose Content-Type disagrees with their bytes). Written just before the
+shard's _stats.json, so a finished shard has it."""
+
+
+def read_fetch_notes(folder: str | Path, shard_id: int) -> Counter:
+    try:
+        return Counter(json.loads((Path(folder) / FETCH_NOTES.format(shard_id=shard_id)).read_text()))
+    except (OSError, ValueError):
+        return Counter()
+
+
+def _stats_after_notes(write_stats, notes: Counter):
+    def wrapper(output_folder, shard_id, *args, **kwargs):
+        path = Path(output_folder) / FETCH_NOTES.format(shard_id=shard_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(dict(notes)))
+        os.replace(tmp, path)
+        return write_stats(output_folder, shard_id, *args, **kwargs)
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -112,9 +138,11 @@ class GuardedDownloader(_i2d_downloader.Downloader):
 
     def download_shard(self, row):
         exit_with_parent()
-        # One shard at a time per worker process, so swapping the module-level fetch for its length is safe.
-        with _replaced(_i2d_downloader, "download_image_with_retry", partial(_fetch_for_img2dataset,
-                                                                             policy=self.policy)):
+        # One shard at a time per worker process, so swapping module-level functions for its length is safe.
+        notes: Counter = Counter()
+        fetch_one = partial(_fetch_for_img2dataset, policy=self.policy, notes=notes)
+        with _replaced(_i2d_downloader, "download_image_with_retry", fetch_one), \
+                _replaced(_i2d_downloader, "write_stats", _stats_after_notes(_i2d_downloader.write_stats, notes)):
             return super().download_shard(row)
 
 

@@ -14,8 +14,13 @@ for img2dataset's fetch by :mod:`data_prep.downloader`:
   after the pre-download check cannot reach a private network;
 - only http and https, no proxies taken from the environment;
 - retries only for failures that can pass (timeouts, resets, 5xx, 408, 429), never for 404 and its kind;
-- bytes are capped (Content-Length first, then while reading); Content-Type must be an accepted type;
-- X-Robots-Tag opt-outs (img2dataset's own parser) and robots.txt are respected;
+- bytes are capped (Content-Length first, then while reading);
+- whether a response is an image is decided by its bytes (the format's magic, read by PIL, then img2dataset's
+  decode), not by Content-Type: real images are served as text/plain or octet-stream. A Content-Type check is
+  opt-in (``check_content_type``); a header that disagrees with the bytes is counted either way;
+- X-Robots-Tag opt-outs (img2dataset's own parser) and robots.txt are respected; a robots.txt answered with a 4xx
+  means no rules, one that cannot be fetched (network failure, 5xx) is retried like any request and, if it still
+  fails, the URLs of that host fail with that error, and the host is tried again later;
 - the image header is read before any decode, and images of more than ``max_pixels`` are refused.
 """
 
@@ -35,6 +40,7 @@ import urllib.error
 import urllib.request
 import urllib.robotparser
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -44,9 +50,10 @@ from PIL import Image
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset.downloader import is_disallowed  # noqa: E402 - img2dataset's own X-Robots-Tag parser
 
+from data_prep import polite
 from data_prep.address_guard import is_allowed_address, parse_networks
 
-USER_AGENT = "Mozilla/5.0 (compatible; {token}; +https://github.com/rom1504/img2dataset)"
+USER_AGENT = "Mozilla/5.0 (compatible; {token}; clipline image-text dataset builder; honours robots.txt)"
 _CHUNK = 1 << 16
 _ROBOTS_MAX_BYTES = 512 * 1024
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -76,8 +83,16 @@ class FetchPolicy:
     allowed_networks: tuple[str, ...] = ()
     """CIDRs allowed although not public (e.g. a local server), when allow_private_networks is off."""
     accepted_content_types: tuple[str, ...] = ("image/*", "application/octet-stream", "binary/octet-stream")
-    """Content-Type patterns accepted (fnmatch); a response without Content-Type is accepted."""
+    """Content-Type patterns (fnmatch) that agree with image bytes; a response without Content-Type agrees."""
+    check_content_type: bool = False
+    """Refuse a response whose Content-Type is not accepted, before reading it; off: the bytes decide."""
     max_redirects: int = 5
+    per_host_connections: int = 0
+    """Most requests at once to one host, per download process (data_prep.polite); 0: no cap."""
+    per_host_rate: float = 0.0
+    """Most request starts per second to one host, per download process; 0: no limit."""
+    max_retry_after: float = 60.0
+    """Longest Retry-After (429/503) waited for; a longer one gives the image up."""
 
 
 class FetchRefused(OSError):
@@ -144,6 +159,9 @@ class _Attempt:
     policy: FetchPolicy
     deadline: float
     tokens: list[int] = field(default_factory=list)
+    retry_after: float = 0.0
+    """Seconds the server's last Retry-After asked for (the next retry waits at least that long)."""
+    notes: Counter | None = None
 
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
@@ -321,27 +339,55 @@ def _classify(err: BaseException) -> BaseException:
     return FetchRefused(f"{type(err).__name__}: {err}")
 
 
-def _fetch_once(url: str, attempt: _Attempt) -> bytes:
-    policy = attempt.policy
+def _guarded(attempt: _Attempt, body):
+    """Run ``body()`` (one request), mapping any failure to FetchRefused (final) or _Transient (retry)."""
     try:
-        with _open(url, attempt) as response:
-            if policy.disallowed_header_directives and is_disallowed(
-                    response.headers, policy.user_agent_token.lower(), policy.disallowed_header_directives):
-                raise FetchRefused("Use of image disallowed by X-Robots-Tag directive")
-            content_type = response.headers.get("Content-Type")
-            if not _content_type_ok(content_type, policy.accepted_content_types):
-                raise FetchRefused(f"wrong content type: {content_type.split(';')[0].strip()}")
-            return _read_capped(response, attempt, policy.max_bytes)
+        return body()
     except BaseException as e:  # noqa: BLE001 - every failure becomes a counted reason
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         if isinstance(e, urllib.error.HTTPError):
+            attempt.retry_after = polite.LIMITER.retry_after(e.url, e.code, e.headers.get("Retry-After"),
+                                                             attempt.policy.max_retry_after, attempt.notes)
             e.close()
         if time.monotonic() >= attempt.deadline:
-            raise FetchRefused(f"deadline exceeded ({policy.deadline:g}s)") from None
+            raise FetchRefused(f"deadline exceeded ({attempt.policy.deadline:g}s)") from None
         raise _classify(e) from None
     finally:
         attempt.release()
+
+
+def _fetch_once(url: str, attempt: _Attempt) -> tuple[bytes, str | None]:
+    """The body and its Content-Type."""
+    policy = attempt.policy
+
+    def body():
+        with polite.LIMITER.slot(url, policy.per_host_connections, policy.per_host_rate, attempt.deadline,
+                                 attempt.notes), _open(url, attempt) as response:
+            if policy.disallowed_header_directives and is_disallowed(
+                    response.headers, policy.user_agent_token.lower(), policy.disallowed_header_directives):
+                raise FetchRefused("Use of image disallowed by X-Robots-Tag directive")
+            content_type = response.headers.get("Content-Type")
+            if policy.check_content_type and not _content_type_ok(content_type, policy.accepted_content_types):
+                raise FetchRefused(f"wrong content type: {content_type.split(';')[0].strip()}")
+            return _read_capped(response, attempt, policy.max_bytes), content_type
+
+    return _guarded(attempt, body)
+
+
+def _retrying(once, attempt: _Attempt):
+    """``once(attempt)`` until it succeeds, fails for good, or ``retries`` transient failures have been spent;
+    FetchRefused with the last failure's message then."""
+    policy = attempt.policy
+    for n in range(policy.retries + 1):
+        try:
+            return once(attempt)
+        except _Transient as e:
+            pause, attempt.retry_after = max(_BACKOFF_S * 2 ** n, attempt.retry_after), 0.0
+            if n == policy.retries or time.monotonic() + pause >= attempt.deadline:
+                raise FetchRefused(str(e)) from None
+            time.sleep(pause)
+    raise FetchRefused("no attempt made")
 
 
 def check_image_header(data: bytes, max_pixels: int) -> str | None:
@@ -358,102 +404,118 @@ def check_image_header(data: bytes, max_pixels: int) -> str | None:
     return None
 
 
-class RobotsCache:
-    """robots.txt verdicts per origin, fetched once per process, shared by all threads."""
+ROBOTS_RETRY_AFTER_S = 60.0
+"""A robots.txt that could not be fetched (network failure, 5xx) is asked again after this long; meanwhile the
+URLs of its host fail with the same error (a dead host is not asked once per URL)."""
 
-    def __init__(self) -> None:
+
+class RobotsCache:
+    """robots.txt verdicts per origin, shared by all threads of a process: a fetched (or 4xx) robots.txt is kept
+    for the process; a failure to fetch it only for ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float = ROBOTS_RETRY_AFTER_S) -> None:
+        self.retry_after_s = retry_after_s
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[threading.Event, list]] = {}
 
-    def refusal(self, url: str, policy: FetchPolicy) -> str | None:
-        """None if robots.txt lets ``policy.user_agent_token`` fetch ``url``; otherwise why not."""
-        parts = urlsplit(url)
-        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+    def _entry(self, origin: str, policy: FetchPolicy) -> tuple:
+        """(parser or None, the failure) for ``origin``, fetching robots.txt if no thread has or is."""
         with self._lock:
             entry = self._entries.get(origin)
+            if entry is not None and entry[0].is_set() and entry[1] and entry[1][0][2] <= time.monotonic():
+                entry = None  # a failure whose time is up: ask again
             owner = entry is None
             if owner:
                 entry = self._entries[origin] = (threading.Event(), [])
         event, holder = entry
         if owner:
             try:
-                holder.append(_load_robots(origin, policy))
+                parser, failure = _load_robots(origin, policy)
+                expires = time.monotonic() + self.retry_after_s if failure else float("inf")
+                holder.append((parser, failure, expires))
             finally:
                 event.set()
         else:
             event.wait()
-        if not holder:
-            return "disallowed by robots.txt"
-        parser, refused = holder[0]
-        if refused:
-            return refused
+        return holder[0][:2] if holder else (None, "robots.txt not read")
+
+    def refusal(self, url: str, policy: FetchPolicy) -> str | None:
+        """None if robots.txt lets ``policy.user_agent_token`` fetch ``url``; otherwise why not."""
+        parts = urlsplit(url)
+        parser, failure = self._entry(f"{parts.scheme.lower()}://{parts.netloc.lower()}", policy)
+        if failure:
+            return failure
         return None if parser.can_fetch(policy.user_agent_token, url) else "disallowed by robots.txt"
 
 
-def _load_robots(origin: str, policy: FetchPolicy) -> tuple[urllib.robotparser.RobotFileParser, str | None]:
-    """The parsed robots.txt, and the refusal of the host itself when even robots.txt may not be fetched."""
+def _load_robots(origin: str, policy: FetchPolicy) -> tuple[urllib.robotparser.RobotFileParser | None, str | None]:
+    """The parsed robots.txt, or None and the error that kept it from being read (retried as any request is).
+
+    As RFC 9309 says, a 4xx (401 and 403 included) means there are no rules. A robots.txt that cannot be read
+    (network failure, 5xx) means stay out, and the URLs of its host fail with that error: not an opt-out, which
+    only a robots.txt that was read can express."""
     parser = urllib.robotparser.RobotFileParser(origin + "/robots.txt")
-    refused = None
-    attempt = _Attempt(policy, time.monotonic() + min(policy.deadline, 2 * policy.timeout))
+
+    def once(attempt: _Attempt) -> str | None:
+        def body():
+            try:
+                with _open(origin + "/robots.txt", attempt) as response:
+                    return _read_capped(response, attempt, _ROBOTS_MAX_BYTES).decode("utf-8", "replace")
+            except urllib.error.HTTPError as e:
+                if 400 <= e.code < 500 and e.code not in _RETRY_STATUSES:
+                    e.close()
+                    return None
+                raise
+        return _guarded(attempt, body)
+
     try:
-        with _open(origin + "/robots.txt", attempt) as response:
-            text = _read_capped(response, attempt, _ROBOTS_MAX_BYTES)
-        parser.parse(text.decode("utf-8", "replace").splitlines())
-    except urllib.error.HTTPError as e:
-        e.close()
-        # As the robots.txt conventions (RFC 9309) say: 4xx means no rules, 401/403 and 5xx mean stay out.
-        if e.code in (401, 403) or e.code >= 500:
-            parser.disallow_all = True
-        else:
-            parser.allow_all = True
-    except BaseException as e:  # noqa: BLE001 - an unreachable robots.txt counts as "stay out"
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        parser.disallow_all = True
-        reason = _classify(e)
-        if isinstance(reason, FetchRefused) and str(reason).startswith("refused non-public address"):
-            refused = str(reason)
-    finally:
-        attempt.release()
-    return parser, refused
+        text = _retrying(once, _Attempt(policy, time.monotonic() + policy.deadline))
+    except FetchRefused as e:
+        if str(e).startswith("refused non-public address"):  # the host itself is refused, whatever the path
+            return None, str(e)
+        return None, f"{e} (while fetching robots.txt)"
+    if text is None:
+        parser.allow_all = True
+    else:
+        parser.parse(text.splitlines())
+    return parser, None
 
 
 ROBOTS = RobotsCache()
+_NOTES_LOCK = threading.Lock()
 
 
-def fetch(url: str, policy: FetchPolicy, robots: RobotsCache = ROBOTS) -> tuple[bytes | None, str | None]:
-    """(image bytes, None), or (None, the reason it was not fetched)."""
+def fetch(url: str, policy: FetchPolicy, robots: RobotsCache = ROBOTS,
+          notes: Counter | None = None) -> tuple[bytes | None, str | None]:
+    """(image bytes, None), or (None, the reason it was not fetched). ``notes`` counts images whose Content-Type
+    disagrees with their bytes (``content_type_not_image``)."""
     if policy.respect_robots_txt:
         refused = robots.refusal(url, policy)
         if refused:
             return None, refused
-    attempt = _Attempt(policy, time.monotonic() + policy.deadline)
-    message = "no attempt made"
-    for n in range(policy.retries + 1):
-        try:
-            data = _fetch_once(url, attempt)
-        except FetchRefused as e:
-            return None, str(e)
-        except _Transient as e:
-            message = str(e)
-            pause = _BACKOFF_S * 2 ** n
-            if n == policy.retries or time.monotonic() + pause >= attempt.deadline:
-                break
-            time.sleep(pause)
-            continue
-        reason = check_image_header(data, policy.max_pixels)
-        return (None, reason) if reason else (data, None)
-    return None, message
+    try:
+        data, content_type = _retrying(functools.partial(_fetch_once, url), _Attempt(policy, time.monotonic() + policy.deadline,
+                                                                            notes=notes))
+    except FetchRefused as e:
+        return None, str(e)
+    reason = check_image_header(data, policy.max_pixels)
+    if reason:
+        return None, reason
+    if notes is not None and not _content_type_ok(content_type, policy.accepted_content_types):
+        with _NOTES_LOCK:  # one Counter per shard, shared by its download threads
+            notes["content_type_not_image"] += 1
+    return data, None
 
 
 _REASONS = [
     ("deadline exceeded", "deadline_exceeded"), ("timed out", "timeout"), ("wrong content type", "wrong_content_type"),
     ("too large", "too_large"), ("decompression bomb", "decompression_bomb"),
     ("not a recognised image", "not_an_image"), ("X-Robots-Tag", "opt_out_x_robots_tag"),
-    ("robots.txt", "opt_out_robots_txt"), ("refused non-public address", "refused_private_address"),
+    ("disallowed by robots.txt", "opt_out_robots_txt"), ("refused non-public address", "refused_private_address"),
     ("redirect to a non-http", "refused_redirect_scheme"), ("truncated body", "truncated"),
     ("dns failure", "dns_failure"), ("redirect error", "too_many_redirects"),
     ("Image decoding error", "decode_error"), ("Connection", "connection_error"),
+    ("RemoteDisconnected", "connection_error"),
 ]
 
 

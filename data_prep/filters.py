@@ -112,9 +112,25 @@ def caption_checks(f: PrepFilterConfig) -> list[tuple[str, Callable[[pd.Series],
     return checks
 
 
-def caption_keep_mask(captions: pd.Series, f: PrepFilterConfig, funnel: Funnel,
-                      name: str = "caption filters") -> pd.Series:
-    """Which captions pass every caption filter; each check sees only the captions still kept."""
+REMOVED_CAPTION_EXAMPLES = 10
+"""Most common removed captions kept per reason, for report.md: so a person can judge each filter."""
+
+
+def count_removed(removed_captions: dict[str, Counter] | None, reason: str, captions) -> None:
+    if removed_captions is not None and len(captions):
+        removed_captions.setdefault(reason, Counter()).update(captions)
+
+
+def top_removed(removed_captions: dict[str, Counter]) -> dict[str, list[list]]:
+    """reason -> [[caption, times removed], ...], the most common first (ties in first-seen order)."""
+    return {reason: [[c, n] for c, n in counts.most_common(REMOVED_CAPTION_EXAMPLES)]
+            for reason, counts in removed_captions.items() if counts}
+
+
+def caption_keep_mask(captions: pd.Series, f: PrepFilterConfig, funnel: Funnel, name: str = "caption filters",
+                      removed_captions: dict[str, Counter] | None = None) -> pd.Series:
+    """Which captions pass every caption filter; each check sees only the captions still kept. The removed
+    captions are counted per reason into ``removed_captions``."""
     text = captions.astype(str).str.strip()
     keep = pd.Series(True, index=captions.index)
     removed = {}
@@ -122,6 +138,7 @@ def caption_keep_mask(captions: pd.Series, f: PrepFilterConfig, funnel: Funnel,
         rows = keep.index[keep.values]
         flagged = check(text.loc[rows]).to_numpy(dtype=bool) if len(rows) else np.zeros(0, bool)
         removed[reason] = int(flagged.sum())
+        count_removed(removed_captions, reason, text.loc[rows[flagged]].tolist())
         keep.loc[rows[flagged]] = False
     funnel.record(name, removed)
     return keep
@@ -168,6 +185,8 @@ class SampleFilters:
                          ("decontamination", bool(f.decontaminate)), ("CLIP score", bool(f.clip_model))):
             if on:
                 self.removed[name] = Counter()
+        self.removed_captions: dict[str, Counter] = {}
+        """Caption filter reason -> removed captions and how often (with caption_filters)."""
         self._seen: set[str] = set()
         self._near = HammingIndex(f.near_dedup_distance) if f.near_dedup_distance >= 0 else None
         self._eval = None
@@ -209,6 +228,7 @@ class SampleFilters:
                 flagged = np.zeros(len(keep), dtype=bool)
                 if len(rows):
                     flagged[rows] = check(text.iloc[rows]).to_numpy(dtype=bool)
+                count_removed(self.removed_captions, reason, text.iloc[np.flatnonzero(flagged)].tolist())
                 self._drop(keep, "caption filters", reason, flagged)
         hashes = [None if v is None or v != v else int(v) for v in features["phash"]]
         if self.needs_phash:

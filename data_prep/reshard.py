@@ -126,6 +126,8 @@ class ShardWriter:
 
     def __post_init__(self):
         self.sizes: dict[str, int] = {}
+        self.checksums: dict[str, dict] = {}
+        """Shard -> {"bytes": file size, "sha256": hex digest of the file}, computed while writing."""
         self._file = None
         self._count = 0
 
@@ -133,15 +135,22 @@ class ShardWriter:
         self._name = f"{len(self.sizes):05d}.tar"
         self._tmp = self.folder / f".{self._name}.tmp"
         self._file = open(self._tmp, "wb", buffering=1 << 20)
+        self._hash = hashlib.sha256()
+        self._bytes = 0
         self._count = 0
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         if self._file is None:
             self._open()
         for ext, data in files.items():
-            self._file.write(ustar_header(f"{key}.{ext}", len(data)))
-            self._file.write(data)
-            self._file.write(bytes(-len(data) % 512))
+            self._put(ustar_header(f"{key}.{ext}", len(data)))
+            self._put(data)
+            self._put(bytes(-len(data) % 512))
         self._count += 1
         if self._count >= self.per_shard:
             self._close_current()
@@ -149,12 +158,13 @@ class ShardWriter:
     def _close_current(self) -> None:
         if self._file is None:
             return
-        self._file.write(bytes(1024))  # two zero blocks end a tar
+        self._put(bytes(1024))  # two zero blocks end a tar
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.folder / self._name)
         self.sizes[self._name] = self._count
+        self.checksums[self._name] = {"bytes": self._bytes, "sha256": self._hash.hexdigest()}
         self._file = None
 
     def close(self) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Reading and validating URL + caption lists before any download starts.
 
 A list is one file, a folder of files or a glob, in parquet, csv, tsv, jsonl or txt (one URL per line, optionally
-followed by a tab and the caption). Validation counts every problem with its first examples, so a bad list is
+followed by a tab and the caption; a txt list with no caption at all is allowed: its samples carry an empty caption
+and no caption filter runs). Validation counts every problem with its first examples, so a bad list is
 understood from one report instead of from a failed download hours later; a list that cannot be used at all is a
 :class:`UsageError` that names the problem and the fix.
 """
@@ -23,9 +24,13 @@ _ENCODING = {"encoding": "utf-8", "encoding_errors": "surrogateescape"}
 
 
 def _read_txt(p: Path) -> pd.DataFrame:
+    """Columns url and caption; url only when no line has a caption (a bare-URL list)."""
     lines = p.read_bytes().decode("utf-8", "surrogateescape").splitlines()
     rows = [line.split("\t", 1) for line in lines if line.strip()]
-    return pd.DataFrame({"url": [r[0] for r in rows], "caption": [r[1] if len(r) > 1 else "" for r in rows]})
+    df = pd.DataFrame({"url": [r[0] for r in rows]})
+    if any(len(r) > 1 for r in rows):
+        df["caption"] = [r[1] if len(r) > 1 else "" for r in rows]
+    return df
 
 
 READERS = {
@@ -36,6 +41,10 @@ READERS = {
     ".txt": _read_txt,
 }
 """One reader per file extension; txt lists are `URL` or `URL<TAB>caption` per line."""
+
+CAPTIONLESS = "captionless"
+"""``DataFrame.attrs`` flag of a list with no caption at all (bare-URL .txt files): its samples get an empty
+caption and no caption filter runs on them."""
 
 MAX_LIST_CAPTION_CHARS = 10_000
 """A caption longer than this is taken as a wrong column (HTML, a whole page) rather than a caption."""
@@ -74,11 +83,49 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _remote_files(spec: str) -> list[Path]:
+    """A list in a bucket or on a web server (a file, a prefix of files, or a brace pattern of either), each file
+    downloaded whole into storage.cache_dir/lists/... and read from there."""
+    from clipline import storage
+
+    names: list[str] = []
+    if storage.is_pipe(spec):
+        raise UsageError("prep.url_list is a 'pipe:' command; give a file, folder, glob, bucket prefix or URL")
+    for item in storage.expand(spec):
+        if storage.protocol(item) not in ("http", "https") and storage.isdir(item):
+            found = [e for e in storage.listdir(item) if storage.isfile(e)]
+            if not found:
+                raise UsageError(f"URL list prefix {storage.redact(item)} holds no files")
+            names += found
+        elif storage.exists(item):
+            names.append(item)
+        else:
+            storage.check_reachable(storage.parent(item), "the URL list at")
+            raise UsageError(f"URL list not found: {storage.redact(item)}")
+    unsupported = [n for n in names if Path(storage.name(n)).suffix.lower() not in READERS]
+    if unsupported and len(unsupported) == len(names):
+        raise UsageError(f"URL list {storage.redact(unsupported[0])} has unsupported extension "
+                         f"{Path(storage.name(unsupported[0])).suffix!r}; use one of {sorted(READERS)}")
+    files = []
+    for n in names:
+        if n in unsupported:
+            continue  # a prefix may hold other objects (a _SUCCESS marker, a README) beside the lists
+        local = storage.local_cache("lists", n)
+        storage.get_file(n, local)
+        files.append(local)
+    return files
+
+
 def list_files(spec: str) -> list[Path]:
-    """The files a URL list spec names: a file, every supported file in a folder, or a glob pattern."""
+    """The files a URL list spec names: a file, every supported file in a folder, or a glob pattern; or, for an
+    s3://, gs:// or https:// location, a file, a bucket prefix of files or a brace pattern of them."""
     if not spec:
         raise UsageError("prep.url_list is not set: pass the URL + caption list, e.g. prep.url_list=urls.parquet "
                          "(a file, a folder or a glob such as 'lists/*.parquet')")
+    from clipline import storage
+
+    if storage.is_pipe(spec) or any(storage.is_remote(item) for item in storage.expand(spec)):
+        return _remote_files(spec)
     p = Path(spec)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in READERS)
@@ -111,8 +158,13 @@ def _looks_like_urls(column: pd.Series) -> float:
     return float(sample.str.match(_URL_RE).mean()) if len(sample) else 0.0
 
 
-def _check_columns(df: pd.DataFrame, where: str, url_col: str, caption_col: str) -> None:
-    missing = [c for c in (url_col, caption_col) if c not in df.columns]
+def _bare_urls(path: Path, df: pd.DataFrame, caption_col: str) -> bool:
+    """A .txt list of URLs without any caption."""
+    return path.suffix.lower() == ".txt" and caption_col not in df.columns
+
+
+def _check_columns(df: pd.DataFrame, where: str, url_col: str, caption_col: str | None) -> None:
+    missing = [c for c in (url_col, caption_col) if c is not None and c not in df.columns]
     if missing:
         hint = ""
         url_like = [c for c in df.columns if c != url_col and _looks_like_urls(df[c]) > 0.5]
@@ -129,10 +181,14 @@ def read_url_list(path: str, url_col: str, caption_col: str) -> pd.DataFrame:
     for f in files:
         df = _read_file(f)
         if len(df.columns) or len(df):
-            _check_columns(df, str(f), url_col, caption_col)
+            _check_columns(df, str(f), url_col, None if _bare_urls(f, df, caption_col) else caption_col)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     where = path if len(files) > 1 else str(files[0])
+    captionless = caption_col not in df.columns and all(_bare_urls(f, d, caption_col) for f, d in zip(files, frames))
+    if captionless:
+        df[caption_col] = ""
+        df.attrs[CAPTIONLESS] = True
     _check_columns(df, where, url_col, caption_col)
     if len(df) == 0:
         raise UsageError(f"URL list {where} is empty: it has the columns but no rows")
@@ -164,14 +220,15 @@ def _malformed_url(url: str) -> bool:
 
 
 def validate_rows(df: pd.DataFrame, url_col: str, caption_col: str) -> tuple[pd.DataFrame, ListReport]:
-    """Drop rows that cannot become a sample (and repeated URLs), counting each reason with its first examples."""
+    """Drop rows that cannot become a sample (and repeated URLs), counting each reason with its first examples.
+    An empty caption is such a row, except in a list that has no captions at all (``CAPTIONLESS``)."""
     report = ListReport(rows_in=len(df))
     urls = _as_text(df[url_col]).str.strip()
     captions = _as_text(df[caption_col])
     checks = [
         ("missing_url", urls == "", urls),
         ("malformed_url", urls.map(_malformed_url), urls),
-        ("empty_caption", captions.str.strip() == "", urls),
+        ("empty_caption", (captions.str.strip() == "") & (not df.attrs.get(CAPTIONLESS)), urls),
         ("non_utf8_caption", captions.str.contains(_SURROGATE_RE), captions),
         ("caption_too_long", captions.str.len() > MAX_LIST_CAPTION_CHARS, captions),
     ]

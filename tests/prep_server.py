@@ -4,6 +4,7 @@ Routes (``NAME`` is a key of the ``images`` dict given to the server):
 
     /img/NAME                the image, image/jpeg or image/png by extension
     /html/NAME               the image bytes served as text/html
+    /plain/NAME              the image bytes served as text/plain
     /noctype/NAME            the image without a Content-Type header
     /404/x, /500/x           those statuses (hits are counted per path, to check retries)
     /stall/x                 waits ``stall_s`` before answering (a timeout)
@@ -18,7 +19,8 @@ Routes (``NAME`` is a key of the ``images`` dict given to the server):
     /redirect/NAME           302 to /img/NAME
     /redirect-to/HOST/PATH   302 to http://HOST:PORT/PATH (e.g. a loopback address the server does not bind)
     /private/NAME            the image, but robots.txt disallows /private/ for the clipline crawler
-    /robots.txt              ``robots`` if given, else 404
+    /robots.txt              ``robots`` if given, else 404; the first ``robots_resets`` requests get the
+                             connection closed without an answer (a reset)
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_html(self, name):
         self._image(name, "text/html; charset=utf-8")
 
+    def _route_plain(self, name):
+        self._image(name, "text/plain")
+
     def _route_noctype(self, name):
         self._image(name, None)
 
@@ -171,6 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._status(302, {"Location": f"http://{host}:{self.server.server_address[1]}/{path}"})
 
     def _route_robots_txt(self, _):
+        if self.server.hits[self.path] <= self.server.robots_resets:
+            self.close_connection = True  # no status line: the client sees the connection closed
+            return
         if self.server.robots is None:
             self._status(404)
         else:
@@ -189,13 +197,14 @@ class MisbehavingServer:
     """Context manager: ``with MisbehavingServer(images) as s: s.url("img/a.jpg")``."""
 
     def __init__(self, images: dict[str, bytes], robots: str | None = ROBOTS_TXT, stall_s: float = 3.0,
-                 trickle_s: float = 0.2, slow_s: float = 0.05):
+                 trickle_s: float = 0.2, slow_s: float = 0.05, robots_resets: int = 0):
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.images = images
         self._httpd.robots = robots
         self._httpd.stall_s = stall_s
         self._httpd.trickle_s = trickle_s
         self._httpd.slow_s = slow_s
+        self._httpd.robots_resets = robots_resets
         self._httpd.hits = Counter()
         self._httpd.stopping = threading.Event()
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},

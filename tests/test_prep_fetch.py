@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import Counter
 
 import pytest
 
@@ -82,8 +83,21 @@ def test_a_stalled_server_times_out_and_the_deadline_covers_retries(server, faul
               lost="that image only")
 
 
+CHECK_CT = FetchPolicy(timeout=1.0, deadline=3.0, retries=2, max_bytes=100_000, allowed_networks=("127.0.0.1/32",),
+                       check_content_type=True)
+
+
+def test_the_bytes_decide_and_the_content_type_check_is_opt_in(server):
+    notes = Counter()
+    for route in ("html", "plain", "noctype", "img"):
+        data, error = fetch(server.url(f"{route}/a.jpg"), POLICY, RobotsCache(), notes=notes)
+        assert (data, error) == (IMAGE, None), route
+    assert notes == {"content_type_not_image": 2}  # text/html and text/plain disagree with the JPEG bytes
+    assert _fetch(server, "html/a.jpg", CHECK_CT) == (None, "wrong content type: text/html")
+    assert _fetch(server, "noctype/a.jpg", CHECK_CT)[1] is None
+
+
 @pytest.mark.parametrize("path, error", [
-    ("html/a.jpg", "wrong content type: text/html"),
     ("corrupt/x", "not a recognised image"),
     ("bomb/x", "decompression bomb"),
     ("endless/x", "too large: more than 100000 bytes"),
@@ -179,11 +193,42 @@ def test_robots_txt_is_read_once_per_host(server):
     assert server.hits["/robots.txt"] - before == 1
 
 
-def test_an_unreachable_robots_txt_means_stay_out():
+def test_an_unreachable_robots_txt_is_a_network_failure_not_an_opt_out():
     with MisbehavingServer({"a.jpg": IMAGE}) as s:
         url = s.url("img/a.jpg")
-    # The server is gone: robots.txt cannot be read, so nothing on that host is fetched.
-    assert fetch(url, POLICY, RobotsCache()) == (None, "disallowed by robots.txt")
+    # The server is gone: robots.txt cannot be read, so nothing on that host is fetched, and the URL fails with
+    # the connection error it had (counted as such), not as an opt-out.
+    data, error = fetch(url, POLICY, RobotsCache())
+    assert data is None and error.endswith("(while fetching robots.txt)") and "Connection" in error
+    assert failure_reason(error) == "connection_error"
+
+
+def test_a_robots_txt_failure_is_retried_and_not_kept_for_the_whole_process():
+    with MisbehavingServer({"a.jpg": IMAGE}, robots_resets=3) as s:
+        robots = RobotsCache(retry_after_s=0.0)
+        one_retry = FetchPolicy(timeout=1.0, deadline=3.0, retries=1, allowed_networks=("127.0.0.1/32",))
+        # Two attempts, both reset: the URL fails with the reset, counted as a connection error.
+        data, error = fetch(s.url("img/a.jpg"), one_retry, robots)
+        assert data is None and failure_reason(error) == "connection_error" and s.hits["/robots.txt"] == 2
+        # Later (retry_after_s has passed): asked again; one more reset, then the retry reads it.
+        assert fetch(s.url("img/a.jpg"), one_retry, robots) == (IMAGE, None)
+        assert s.hits["/robots.txt"] == 4
+        assert fetch(s.url("private/a.jpg"), one_retry, robots) == (None, "disallowed by robots.txt")
+        assert s.hits["/robots.txt"] == 4  # a robots.txt that was read is kept
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_4xx_robots_txt_means_no_rules(status, monkeypatch):
+    import urllib.error
+
+    from data_prep import fetch as fetch_module
+
+    def answer(url, attempt):
+        raise urllib.error.HTTPError(url, status, "no", {}, None)
+
+    monkeypatch.setattr(fetch_module, "_open", answer)
+    parser, failure = fetch_module._load_robots("http://example.invalid", POLICY)
+    assert failure is None and parser.can_fetch("clipline", "http://example.invalid/private/a.jpg")
 
 
 def test_image_header_check_reads_no_pixels():

@@ -146,6 +146,9 @@ def test_caption_length_in_characters_and_words():
     ("https://example.com/a b", False), ("https://example.com/photo.jpg", True), ("photo 12", True),
     ("click to enlarge", True), ("12345", True), ("a dog playing in the image of a park", False),
     ("an image of a red ring", False),
+    # Whole-caption matches only: a sentence that ends in (or mentions) a file name or a number is a caption.
+    ("special case redirect_301 at /redirect/n20.jpg", False), ("IMG 0042.JPG", True),
+    ("photo 1 shows a dog on the beach", False), ("P1 racing car on the track", False), ("beach.jpg", True),
 ])
 def test_boilerplate_captions(caption, boilerplate):
     keep, _ = _mask([caption], min_caption_chars=0, min_caption_words=0)
