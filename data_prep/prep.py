@@ -34,15 +34,20 @@ import numpy as np
 import pandas as pd
 
 from clipline.config import Config, PrepConfig
+from clipline.storage import parent as storage_parent
+from clipline.storage import redact
 from clipline.errors import UsageError
 from clipline.io import atomic_write, atomic_write_json, atomic_write_text
 from clipline.shards import MANIFEST_FILE, SIZES_FILE, ShardManifest, list_shards, write_sizes
+from data_prep import curate as curation
+from data_prep import remote
 from data_prep.address_guard import parse_networks, refusal_reason
-from data_prep.fetch import FetchPolicy, failure_reason
-from data_prep.filters import Funnel, SampleFilters, caption_keep_mask
-from data_prep.reshard import FEATURE_COLUMNS, image_of, output_files
+from data_prep.filters import Funnel, SampleFilters, caption_keep_mask, top_removed
 from data_prep.report import render_report, write_plots
-from data_prep.url_list import ListReport, read_url_list, validate_rows
+from data_prep.url_list import CAPTIONLESS, ListReport, read_url_list, validate_rows
+
+# data_prep.fetch, .downloader and .reshard are imported where they are used: fetch imports img2dataset, which
+# imports torch (seconds), and a bad list must be refused before that.
 
 DOWNLOAD_DIR = "_download"
 """img2dataset's working folder inside the output folder: its unfiltered shards, per-shard status parquet and
@@ -53,7 +58,7 @@ LOCK_FILE = ".prep.lock"
 STATS_FILE = "stats.json"
 REPORT_FILE = "report.md"
 _EXECUTION_ONLY = ("processes", "threads", "distributor", "spark_master", "mode", "keep_downloads", "output_dir",
-                   "url_list")
+                   "url_list", "per_host_connections", "per_host_rate", "max_retry_after")
 """Config fields that change how a build runs, not what it produces."""
 
 __all__ = ["main", "run_prep", "prepare_input", "render_report", "DOWNLOAD_DIR"]
@@ -99,23 +104,32 @@ def _extra_columns(cfg: PrepConfig, df: pd.DataFrame) -> list[str]:
     return list(cfg.extra_columns)
 
 
-def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None) -> tuple[pd.DataFrame, ListReport]:
+def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None,
+                  removed_captions: dict[str, Counter] | None = None) -> tuple[pd.DataFrame, ListReport]:
     """Read, validate and clean the URL list, apply the caption filters and the address check; nothing is written.
 
-    Returns the rows to download, with columns ``url``, ``caption`` and the extra columns.
+    Returns the rows to download, with columns ``url``, ``caption`` and the extra columns; ``attrs[CAPTIONLESS]``
+    is set for a list without captions (bare-URL .txt), on which no caption filter runs. The captions the filters
+    removed are counted per reason into ``removed_captions``.
     """
     funnel = funnel if funnel is not None else Funnel()
     df = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col)
+    captionless = bool(df.attrs.get(CAPTIONLESS))
     funnel.start("listed", len(df))
     df, report = validate_rows(df, cfg.url_col, cfg.caption_col)
     funnel.record("list validation", report.dropped)
     extra = _extra_columns(cfg, df)
     df = df[[cfg.url_col, cfg.caption_col, *extra]].rename(columns={cfg.url_col: "url", cfg.caption_col: "caption"})
-    df = df[caption_keep_mask(df["caption"], cfg.filters, funnel).to_numpy()].reset_index(drop=True)
+    if captionless:
+        funnel.record("caption filters (none: the list has no captions)", {})
+    else:
+        keep = caption_keep_mask(df["caption"], cfg.filters, funnel, removed_captions=removed_captions)
+        df = df[keep.to_numpy()].reset_index(drop=True)
     if not cfg.allow_private_networks and len(df):
         reasons = _guard_addresses(df, cfg)
         funnel.record("address check", {f"refused_{k}": v for k, v in Counter(reasons.dropna()).items()})
         df = df[reasons.isna().to_numpy()].reset_index(drop=True)
+    df.attrs[CAPTIONLESS] = captionless
     if len(df) == 0:
         removed = {k: v for s in funnel.stages for k, v in s.removed.items()}
         raise UsageError(f"no usable rows in {cfg.url_list}: all {report.rows_in} were dropped ({removed}); "
@@ -126,8 +140,21 @@ def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None) -> tuple[pd.Dat
     return df, report
 
 
-def _list_digest(df: pd.DataFrame) -> str:
-    return hashlib.sha256(pd.util.hash_pandas_object(df[["url", "caption"]], index=True).values.tobytes()).hexdigest()
+_DOWNLOAD_SHAPING = ("image_size", "resize_mode", "encode_format", "encode_quality", "samples_per_shard",
+                     "max_image_bytes", "max_image_pixels", "accepted_content_types", "check_content_type",
+                     "user_agent_token", "disallowed_header_directives", "respect_robots_txt",
+                     "allow_private_networks", "allowed_networks")
+"""Settings that shape what img2dataset writes into ``_download`` (the image filters do not: they run on it, and
+a change of them re-filters the kept downloads)."""
+
+
+def _list_digest(df: pd.DataFrame, cfg: PrepConfig) -> str:
+    """Fingerprint of the downloads: every column carried into the samples (names, order and values, the caption
+    filters' verdict included, as the rows they left) and the settings that shape the downloaded samples."""
+    values = pd.util.hash_pandas_object(df.astype(str), index=True).values.tobytes()
+    settings = {k: getattr(cfg, k) for k in _DOWNLOAD_SHAPING}
+    header = json.dumps([list(df.columns), settings, bool(df.attrs.get(CAPTIONLESS))], sort_keys=True, default=str)
+    return hashlib.sha256(header.encode() + values).hexdigest()
 
 
 def build_key(cfg: PrepConfig, list_digest: str) -> str:
@@ -176,13 +203,17 @@ def _up_to_date(out: Path, key: str) -> ShardManifest | None:
 # Step 2: download
 
 
-def fetch_policy(cfg: PrepConfig) -> FetchPolicy:
+def fetch_policy(cfg: PrepConfig):
+    from data_prep.fetch import FetchPolicy
+
     return FetchPolicy(
         timeout=float(cfg.timeout), deadline=cfg.deadline, retries=cfg.retries, max_bytes=cfg.max_image_bytes,
         max_pixels=cfg.max_image_pixels, user_agent_token=cfg.user_agent_token,
         disallowed_header_directives=frozenset(d.strip().lower() for d in cfg.disallowed_header_directives),
         respect_robots_txt=cfg.respect_robots_txt, allow_private_networks=cfg.allow_private_networks,
-        allowed_networks=tuple(cfg.allowed_networks), accepted_content_types=tuple(cfg.accepted_content_types))
+        allowed_networks=tuple(cfg.allowed_networks), accepted_content_types=tuple(cfg.accepted_content_types),
+        check_content_type=cfg.check_content_type, per_host_connections=cfg.per_host_connections,
+        per_host_rate=cfg.per_host_rate, max_retry_after=cfg.max_retry_after)
 
 
 def _download(cfg: PrepConfig, work: Path, df: pd.DataFrame) -> None:
@@ -197,18 +228,21 @@ def _download(cfg: PrepConfig, work: Path, df: pd.DataFrame) -> None:
         threads=cfg.threads, distributor=cfg.distributor, spark_master=cfg.spark_master))
 
 
-def download_outcomes(work: Path) -> tuple[Counter, Counter, Counter]:
-    """img2dataset's status counts, failure reasons and raw failure messages over every finished shard."""
-    from data_prep.downloader import finished_shards
+def download_outcomes(work: Path) -> tuple[Counter, Counter, Counter, Counter]:
+    """img2dataset's status counts, failure reasons and raw failure messages over every finished shard, and the
+    fetch notes (images whose Content-Type disagrees with their bytes)."""
+    from data_prep.downloader import finished_shards, read_fetch_notes
+    from data_prep.fetch import failure_reason
 
-    status, reasons, messages = Counter(), Counter(), Counter()
+    status, reasons, messages, notes = Counter(), Counter(), Counter(), Counter()
     for shard_id in sorted(finished_shards(work)):
+        notes.update(read_fetch_notes(work, shard_id))
         table = pd.read_parquet(work / f"{shard_id:05d}.parquet", columns=["status", "error_message"])
         status.update(table["status"].fillna("failed_to_download"))
         failed = table[table["status"] != "success"]
         messages.update(failed["error_message"].fillna("unknown"))
         reasons.update(failed["error_message"].map(failure_reason))
-    return status, reasons, messages
+    return status, reasons, messages, notes
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,13 +270,16 @@ class Filtered:
     read: int
     stages: dict[str, Counter]
     """Filter stage -> removed by reason, in the order the stages ran."""
+    checksums: dict[str, dict]
+    """Output shard -> {"bytes", "sha256"}."""
 
 
 def filter_and_write(filters: SampleFilters, cfg: PrepConfig, shards: Iterable[str], n_shards: int, out: Path,
                      stats: dict) -> Filtered:
     """Filter the samples of ``shards`` (in order) and write the survivors to ``out`` as they come. Only a CLIP
     top fraction waits for every score, then re-reads the shards to write."""
-    from data_prep.reshard import ShardWriter, progress, read_shard, remove_stale, write_kept
+    from data_prep.reshard import (FEATURE_COLUMNS, ShardWriter, image_of, output_files, progress, read_shard,
+                                   remove_stale, write_kept)
 
     out.mkdir(parents=True, exist_ok=True)
     # From here the folder's shards change: a manifest left from an earlier build must not vouch for them.
@@ -274,7 +311,8 @@ def filter_and_write(filters: SampleFilters, cfg: PrepConfig, shards: Iterable[s
         write_kept(kept, writer, skipped, _sample_meta)
     if skipped:
         stats["skipped_while_reading"] = dict(skipped)
-    return Filtered(writer.close(), kept, read, filters.removed)
+    sizes = writer.close()
+    return Filtered(sizes, kept, read, filters.removed, writer.checksums)
 
 
 def _record(funnel: Funnel, result: Filtered, caption_filters: bool) -> None:
@@ -292,9 +330,12 @@ class ConcurrentFilter(threading.Thread):
 
     POLL_S = 0.1
 
-    def __init__(self, filters, cfg: PrepConfig, work: Path, n_shards: int, out: Path, stats: dict):
+    def __init__(self, filters, cfg: PrepConfig, work: Path, n_shards: int, out: Path, stats: dict,
+                 on_download=None):
         super().__init__(name="prep-filter", daemon=True)
         self.filters, self.cfg, self.work, self.n_shards, self.out, self.stats = filters, cfg, work, n_shards, out, stats
+        self.on_download = on_download
+        """Called with each finished download shard's id before it is filtered (the mirror to a bucket)."""
         self.download_done = threading.Event()
         self.result: Filtered | None = None
         self.error: BaseException | None = None
@@ -305,6 +346,8 @@ class ConcurrentFilter(threading.Thread):
             while not (self.work / f"{name}_stats.json").is_file():
                 if self.download_done.wait(self.POLL_S) and not (self.work / f"{name}_stats.json").is_file():
                     raise _DownloadStopped()
+            if self.on_download is not None:
+                self.on_download(shard_id)
             yield str(self.work / f"{name}.tar")
 
     def run(self) -> None:
@@ -346,7 +389,9 @@ def _finish(cfg: PrepConfig, out: Path, result: Filtered, funnel: Funnel, stats:
                          f"; see {out / STATS_FILE} for the reasons (failures: "
                          f"{dict(Counter(stats.get('failure_reasons', {})).most_common(5))})")
     manifest = ShardManifest(shards=sorted(sizes), sizes=sizes, total_samples=sum(sizes.values()), source=source,
-                             stats=stats, config=asdict(cfg))
+                             stats=stats, checksums=result.checksums,
+                             config={**asdict(cfg), "url_list": redact(cfg.url_list),
+                                     "output_dir": redact(cfg.output_dir)})
     write_sizes(out, sizes)
     atomic_write_json(out / STATS_FILE, stats)
     manifest.write(out)
@@ -385,58 +430,87 @@ def check_filter_inputs(cfg: PrepConfig) -> None:
                          f"file, and prep.filters.clip_pretrained is empty: give the weights to score with")
     if f.clip_pretrained and not Path(f.clip_pretrained).is_file():
         raise UsageError(f"prep.filters.clip_pretrained: weights file not found: {f.clip_pretrained}")
+    curation.check_inputs(f)
 
 
 def run_prep(cfg: PrepConfig) -> ShardManifest:
     check_filter_inputs(cfg)
     if cfg.input_shards:
         return filter_existing(cfg)
-    funnel = Funnel()
+    funnel, removed_captions = Funnel(), {}
     start = time.perf_counter()
-    df, report = prepare_input(cfg, funnel)
-    log(f"URL list {cfg.url_list}: {report.rows_in} rows, {len(df)} to download"
+    bucket = cfg.output_dir if remote.is_remote(cfg.output_dir) else ""
+    if bucket:
+        remote.check_writable(bucket)
+    df, report = prepare_input(cfg, funnel, removed_captions)
+    log(f"URL list {redact(cfg.url_list)}: {report.rows_in} rows, {len(df)} to download"
         + "".join(f"\n  dropped, {line}" for line in report.lines()))
-    out = Path(cfg.output_dir)
+    out = remote.staging_folder(cfg.output_dir)  # a bucket's build runs in a local folder, then is published
     work = out / DOWNLOAD_DIR
-    digest = _list_digest(df)
+    digest = _list_digest(df, cfg)
     key = build_key(cfg, digest)
     with build_lock(out):
         if cfg.mode == "overwrite":
             clear_build(out)
-        elif (work / INPUT_HASH).is_file() and (work / INPUT_HASH).read_text().strip() != digest:
-            raise UsageError(f"{out} holds shards built from another URL list (or other caption filters): pick a "
-                             f"new prep.output_dir, or prep.mode=overwrite to rebuild it (re-running with the same "
-                             f"list resumes instead)")
+            if bucket:
+                remote.clear(bucket)
+        elif bucket and (done := remote.up_to_date(bucket, key)) is not None and _up_to_date(out, key) is None:
+            log(f"{redact(bucket)} is up to date ({done.total_samples} samples)")
+            return done
+        elif bucket and (restored := remote.restore_downloads(bucket, work, (INPUT_HASH,))):
+            log(f"resuming from {redact(bucket)}: {restored} finished download shards copied back")
+        if cfg.mode != "overwrite" and (work / INPUT_HASH).is_file() and \
+                (work / INPUT_HASH).read_text().strip() != digest:
+            raise UsageError(f"{out} holds shards downloaded from another URL list (other rows, columns or caption "
+                             f"filters) or with other download settings (image size, resize, encoding, fetch "
+                             f"policy): pick a new prep.output_dir, or set prep.mode=overwrite to rebuild it "
+                             f"(re-running with the same list and settings resumes instead)")
         done = _up_to_date(out, key)
         if done is not None:
-            log(f"{out} is up to date ({done.total_samples} samples)")
+            if bucket and remote.publish(out, bucket):
+                log(f"published the staged build {out} to {redact(bucket)}")
+            log(f"{redact(cfg.output_dir)} is up to date ({done.total_samples} samples)")
             return done
         _check_downloads_kept(work, out)
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work / INPUT_HASH, digest + "\n")
-        stats = {"list_issues": report.issues, "build_key": key,
+        if bucket:
+            remote.mirror_file(work / INPUT_HASH, bucket)
+        stats = {"list_issues": report.issues, "build_key": key, "captionless": bool(df.attrs.get(CAPTIONLESS)),
+                 "removed_captions": top_removed(removed_captions),
                  "timings": {"validate": time.perf_counter() - start}}
         start = time.perf_counter()
         n_shards = -(-len(df) // cfg.samples_per_shard)
+        staged = curation.staging_dir(cfg, out)
+        mirror = (lambda shard_id: remote.mirror_download(work, bucket, shard_id)) if bucket else None
         filtering = ConcurrentFilter(SampleFilters(cfg, caption_filters=False, stats=stats), cfg, work, n_shards,
-                                     out, stats)
-        filtering.start()
-        try:
-            _download(cfg, work, df)
-        except BaseException:
-            filtering.stop()  # the download's error is the one to report
-            raise
-        result = filtering.wait()
+                                     staged, stats, on_download=mirror)
+        with curation.held_session(cfg):  # pyspark: one Spark session for the download and the curation pass
+            filtering.start()
+            try:
+                _download(cfg, work, df)
+            except BaseException:
+                filtering.stop()  # the download's error is the one to report
+                raise
+            result = curation.curate(cfg, filtering.wait(), staged, out, stats)
         stats["timings"]["download_and_filter"] = time.perf_counter() - start
-        status, reasons, messages = download_outcomes(work)
+        status, reasons, messages, notes = download_outcomes(work)
         funnel.record("download", dict(reasons))
         _record(funnel, result, caption_filters=False)
         stats.update(_legacy_counts(report, status, messages))
+        stats["written"] = funnel.count
+        stats["content_type_not_image"] = notes.get("content_type_not_image", 0)
+        stats["politeness"] = {k: notes.get(k, 0) for k in ("throttled", "retry_after", "retry_after_too_long")}
         log(f"downloaded {status.get('success', 0)} of {len(df)}, wrote {len(result.kept)}")
-        manifest = _finish(cfg, out, result, funnel, stats, source=str(cfg.url_list))
+        manifest = _finish(cfg, out, result, funnel, stats, source=redact(cfg.url_list))
+        if bucket:
+            remote.publish(out, bucket)
+            log(f"published {len(manifest.shards)} shards and manifest.json to {redact(bucket)}")
         if not cfg.keep_downloads:
             for tar in work.glob("[0-9]*.tar"):
                 tar.unlink()
+            if bucket:
+                remote.drop_downloaded_tars(bucket)
         return manifest
 
 
@@ -446,8 +520,9 @@ def filter_existing(cfg: PrepConfig) -> ShardManifest:
         shards = list_shards(cfg.input_shards)
     except FileNotFoundError as e:
         raise UsageError(f"prep.input_shards: {e}") from None
-    out = Path(cfg.output_dir)
-    if out.resolve() == Path(shards[0]).parent.resolve():
+    out = remote.staging_folder(cfg.output_dir)
+    if cfg.output_dir.rstrip("/") == str(storage_parent(shards[0])).rstrip("/") or \
+            out.resolve() == Path(shards[0]).parent.resolve():
         raise UsageError(f"prep.output_dir must differ from prep.input_shards ({out}): the survivors are written "
                          f"as new shards while the old ones are read")
     funnel, stats = Funnel(), {"input_shards": cfg.input_shards, "timings": {}}
@@ -455,6 +530,13 @@ def filter_existing(cfg: PrepConfig) -> ShardManifest:
         clear_build(out)
         log(f"filtering {len(shards)} shards from {cfg.input_shards} into {out}")
         filters = SampleFilters(cfg, caption_filters=True, stats=stats)
-        result = filter_and_write(filters, cfg, shards, len(shards), out, stats)
+        staged = curation.staging_dir(cfg, out)
+        result = curation.curate(cfg, filter_and_write(filters, cfg, shards, len(shards), staged, stats), staged,
+                                 out, stats)
         _record(funnel, result, caption_filters=True)
-        return _finish(cfg, out, result, funnel, stats, source=str(cfg.input_shards))
+        stats["removed_captions"] = top_removed(filters.removed_captions)
+        manifest = _finish(cfg, out, result, funnel, stats, source=redact(cfg.input_shards))
+        if remote.is_remote(cfg.output_dir):
+            remote.publish(out, cfg.output_dir)
+            log(f"published {len(manifest.shards)} shards and manifest.json to {redact(cfg.output_dir)}")
+        return manifest

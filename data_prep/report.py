@@ -32,13 +32,33 @@ def render_report(m: ShardManifest) -> str:
             removed = ", ".join(f"{_title(k)}: {v}" for k, v in stage["removed"].items()) or ""
             lines.append(f"| {stage['stage']} | {stage['count']} | {removed} |")
         lines.append("")
-    # The download counts in img2dataset's terms, kept for readers of earlier reports.
+    # The download counts in img2dataset's terms, kept for readers of earlier reports; the last two rows are the
+    # funnel's: downloads that the filters after download (dedup, image size, ...) removed, and what was written.
     if "success" in s:
+        written = s.get("written", m.total_samples)
         lines += ["| download | count |", "|---|---:|",
                   f"| rows in the URL list | {s.get('rows_in', 0)} |",
-                  f"| downloaded and written | {s.get('success', 0)} |",
                   f"| failed to download | {s.get('failed_to_download', 0)} |",
-                  f"| failed to decode/resize | {s.get('failed_to_resize', 0)} |", ""]
+                  f"| failed to decode/resize | {s.get('failed_to_resize', 0)} |",
+                  f"| downloaded | {s.get('success', 0)} |",
+                  f"| removed after download by the filters | {s.get('success', 0) - written} |",
+                  f"| written | {written} |", ""]
+    if any((s.get("politeness") or {}).values()):
+        p = s["politeness"]
+        lines += [f"Polite crawling: {p['throttled']} requests waited for a per-host slot; {p['retry_after']} "
+                  f"429/503 answers' Retry-After honoured; {p['retry_after_too_long']} given up (Retry-After over "
+                  f"prep.max_retry_after). Final HTTP failures are in the failure table.", ""]
+    if s.get("content_type_not_image"):
+        lines += [f"Images served with a Content-Type that is not an image type (kept: the bytes decide; "
+                  f"prep.check_content_type=true refuses them): {s['content_type_not_image']}.", ""]
+    if s.get("captionless"):
+        lines += ["The URL list has no captions (a bare-URL .txt list): every sample carries an empty .txt and no "
+                  "caption filter ran.", ""]
+    if s.get("removed_captions"):
+        lines += ["## Most common captions removed by the caption filters", ""]
+        for reason, examples in s["removed_captions"].items():
+            lines.append(f"- {_title(reason)}: " + ", ".join(f"{c!r} ({n})" for c, n in examples))
+        lines.append("")
     if s.get("list_issues"):
         lines += ["## Problems in the URL list (rows dropped before download)", ""]
         lines += [f"- {_title(reason)}: {i['count']} (first: {', '.join(repr(e) for e in i['examples'])})"
@@ -52,6 +72,10 @@ def render_report(m: ShardManifest) -> str:
         lines += ["## Decontamination sets", ""]
         lines += [f"- {folder}: {n} images" for folder, n in s["decontamination"].items()]
         lines.append("")
+    if s.get("curation"):
+        from data_prep.curate import report_lines
+
+        lines += ["## Curation", ""] + report_lines(s)
     plots = [p for p in (FUNNEL_PNG, CAPTIONS_PNG, RESOLUTION_PNG) if p in s.get("plots", [])]
     if plots:
         lines += ["## Plots", ""] + [f"![{p[len('report_'):-4].replace('_', ' ')}]({p})" for p in plots] + [""]
