@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
+from clipline import storage
 from clipline.config import Config, config_to_yaml, load_config
 from clipline.errors import UsageError
 from clipline.help import COMMAND_SECTIONS, SECTIONS, all_keys, command_help
@@ -30,6 +31,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("clipline.cli:show_config", "print the resolved config"),
 }
 
+ACTIONS: dict[tuple[str, str], str] = {
+    ("prep", "--verify"): "data_prep.verify:main",
+}
+"""(command, flag) -> the function that takes the remaining arguments: `clipline prep --verify FOLDER`."""
+
+FOLDER_COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("clipline.export:main", "RUN_OR_CHECKPOINT OUT: a checkpoint's weights as an open_clip folder"),
+}
+"""Commands on folders that read no config: they take their arguments (and --help) themselves."""
+
 USAGE = f"""usage: clipline <command> [CONFIG.yaml ...] [section.key=value ...]
        clipline <command> --help      the keys that command reads: type, default and meaning
        clipline --version
@@ -37,11 +48,12 @@ USAGE = f"""usage: clipline <command> [CONFIG.yaml ...] [section.key=value ...]
 YAML files are merged left to right, then overrides are applied (e.g. train.lr=1e-3, eval.datasets.0.path=...).
 
 commands:
-""" + "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()) + """
+""" + "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in {**COMMANDS, **FOLDER_COMMANDS}.items()) + """
 
 examples:
   clipline demo configs/demo.yaml
   clipline prep configs/demo.yaml prep.url_list=urls.parquet prep.output_dir=shards/
+  clipline prep --verify shards/      check the shards against manifest.json (sizes and sha256)
   torchrun --nproc_per_node 2 -m clipline train configs/demo.yaml
   clipline config configs/demo.yaml train.steps=10
   clipline train configs/recipes/vit_b32_laion.yaml run.smoke=true train.data=my_shards/
@@ -96,9 +108,11 @@ def demo(cfg: Config) -> int:
         seconds[stage] = time.perf_counter() - start
         if code:
             return code
-    print(f"\nresults: {cfg.eval.output_dir}/results.md (results.json and results.csv beside it)", flush=True)
-    summary = write_summary(Path(cfg.eval.output_dir), Path(cfg.train.output_dir), seconds, cfg.train.steps)
-    print(f"summary: {cfg.eval.output_dir}/{SUMMARY} ({summary['total_seconds']:.0f} s in all; precision "
+    shown = storage.redact(cfg.eval.output_dir)
+    print(f"\nresults: {shown}/results.md (results.json and results.csv beside it)", flush=True)
+    # Locations as written (a bucket URL too): Path() would fold s3://b into s3:/b.
+    summary = write_summary(cfg.eval.output_dir, cfg.train.output_dir, seconds, cfg.train.steps)
+    print(f"summary: {shown}/{SUMMARY} ({summary['total_seconds']:.0f} s in all; precision "
           f"train {summary['precision']['train']}, eval {summary['precision']['eval']})\n", flush=True)
     return report(summary) if cfg.demo.check_minimums else 0
 
@@ -172,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipline {version()}")
         return 0
     name, rest = args[0], args[1:]
+    if name in FOLDER_COMMANDS:
+        module, _, func = FOLDER_COMMANDS[name][0].partition(":")
+        try:
+            return getattr(importlib.import_module(module), func)(rest)
+        except (UsageError, FileNotFoundError) as e:
+            print(f"clipline {name}: error: {e}", file=sys.stderr)
+            return 2
     if name not in COMMANDS:
         print(f"clipline: error: unknown command {name!r}; commands: {', '.join(COMMANDS)} "
               f"(`clipline --help` shows them)", file=sys.stderr)
@@ -181,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=os.environ.get("CLIPLINE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
+        if rest and (name, rest[0]) in ACTIONS:  # a command's action on a folder, not a config run
+            module, _, func = ACTIONS[name, rest[0]].partition(":")
+            return getattr(importlib.import_module(module), func)(rest[1:])
         files, overrides = split_args(name, rest)
         cfg = load_config(files, overrides)
+        storage.configure(cfg.storage)  # every stage reaches s3://, gs://, https:// locations with these options
         return command(name)(cfg)
     except (UsageError, FileNotFoundError) as e:
         if os.environ.get("CLIPLINE_DEBUG"):
             raise
-        print(f"clipline {name}: error: {e}", file=sys.stderr)
+        print(f"clipline {name}: error: {storage.scrub(str(e))}", file=sys.stderr)
         return 2

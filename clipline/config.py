@@ -80,11 +80,12 @@ class DemoConfig:
 DEFAULT_BOILERPLATE = [
     r"(image|photo|picture|img|pic|thumbnail|untitled|placeholder|default|no image|image not found|"
     r"no description|description|caption|null|none|n/?a|undefined|loading\.*|click to enlarge|\d+)",
-    r"(img|dsc|dscn|dscf|pict|p|photo|image|screenshot|screen shot)[\s_\-]*\d+.*",
-    r".*\.(jpe?g|png|gif|webp|bmp|tiff?)",
+    r"(img|dsc|dscn|dscf|pict|p|photo|image|screenshot|screen shot)[\s_\-]*\d+[\w\-]*(\.(jpe?g|png|gif|webp|bmp|tiff?))?",
+    r"\S+\.(jpe?g|png|gif|webp|bmp|tiff?)",
     r"https?://\S+",
 ]
-"""Captions that are placeholders, not descriptions: file names, camera names, bare words like 'image', URLs."""
+"""Captions that are placeholders, not descriptions: file names, camera names, bare words like 'image', URLs.
+Each matches a whole caption, never a part: a sentence that ends in a file name is a caption."""
 
 
 @dataclass
@@ -134,6 +135,57 @@ class PrepFilterConfig:
     clip_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast precision of the CLIP-score model (scores are computed in fp32 whatever this is). 'auto': bf16 on
     CUDA devices with bf16 and on CPUs with native bf16 (AVX512_BF16/AMX), fp32 otherwise; printed at start."""
+    semantic_dedup: bool = False
+    """SemDeDup: embed every image with embed_model, k-means them, and within each cluster drop images whose cosine
+    similarity to a kept one exceeds 1 - semdedup_eps (the removed pairs are listed in semdedup_pairs.jsonl)."""
+    semdedup_eps: float = 0.05
+    """Semantic dedup: images closer than cosine 1 - eps to a kept image of their cluster are duplicates."""
+    semdedup_clusters: int = 100
+    """Semantic dedup: k-means clusters (duplicates are only looked for within a cluster)."""
+    semdedup_keep: Literal["centroid", "clip_score"] = "centroid"
+    """Semantic dedup: which of a group of duplicates is kept: the one closest to its cluster centroid, or the one
+    with the highest CLIP score (needs clip_model)."""
+    semdedup_use_text: bool = False
+    """Semantic dedup: compare image + caption embeddings (their normalised sum) instead of images alone."""
+    cluster_filter_classnames: list[str] = field(default_factory=list)
+    """DataComp image-based clustering: class-name files (one name a line) or names shipped in
+    configs/eval/classnames/ (e.g. cifar10); keep only images whose k-means cluster is among the
+    cluster_filter_nearest clusters nearest to some class name's text embedding. Empty: no filter."""
+    cluster_filter_clusters: int = 100
+    """Cluster filter: k-means clusters over the image embeddings (DataComp-1B used 100k on 12.8B samples)."""
+    cluster_filter_nearest: int = 1
+    """Cluster filter: clusters kept per class name (its nearest centroids by cosine)."""
+    cluster_filter_template: str = "a photo of a {}."
+    """Cluster filter: the text embedded for each class name ({} is replaced by the name)."""
+    embed_model: str = ""
+    """Model that embeds images for semantic_dedup and cluster_filter: a clipline checkpoint or run folder, an
+    open_clip folder, ARCH:WEIGHTS_FILE, a Hugging Face CLIP folder, or thumbnail:N (model-free: the image at N x N,
+    mean-removed; catches only near-pixel copies, for smoke runs and tests). Embeddings are cached per shard in
+    output_dir/_curate/embeddings and reused while the shard and model are unchanged."""
+    embed_batch_size: int = 64
+    """Images per forward pass of embed_model."""
+    embed_device: str = "cpu"
+    """Device of embed_model: cpu, cuda or auto."""
+    kmeans_sample: int = 100_000
+    """k-means centroids are fit on at most this many embeddings, sampled with kmeans_seed (faiss)."""
+    kmeans_iterations: int = 20
+    """k-means iterations."""
+    kmeans_seed: int = 0
+    """Seed of the k-means sample and initialisation."""
+    balance_entries: str = ""
+    """MetaCLIP balancing: a metadata entries file (one entry a line), or 'demo' for the list shipped for the demo
+    scenes (configs/prep/metadata_demo.txt); empty: no balancing. Each caption's entries are found by Aho-Corasick
+    substring matching (lower-cased)."""
+    balance_t: int = 20_000
+    """MetaCLIP's cap t: an entry matched by count > t captions keeps each with p = t / count; a caption is kept
+    with probability 1 - prod(1 - p) over its entries (MetaCLIP-400M used 20k)."""
+    balance_seed: int = 0
+    """Seed of the balancing draw: each sample's draw depends only on the seed and its key, so the kept set does not
+    depend on order or parallelism."""
+    balance_whole_words: bool = True
+    """Match entries only as whole words ('cat' not inside 'concatenate'); false: plain substrings, as MetaCLIP."""
+    balance_keep_unmatched: bool = False
+    """Keep captions that match no entry (MetaCLIP drops them)."""
 
     def validate(self) -> None:
         for key in ("min_caption_chars", "max_caption_chars", "min_caption_words", "max_caption_words"):
@@ -164,6 +216,22 @@ class PrepFilterConfig:
                "prep.filters.clip_min_score / clip_keep_fraction need prep.filters.clip_model (the scoring model)")
         _check(self.clip_batch_size > 0, "prep.filters.clip_batch_size must be > 0")
         _check(self.clip_device in ("cpu", "cuda", "auto"), "prep.filters.clip_device must be cpu, cuda or auto")
+        self._validate_curation()
+
+    def _validate_curation(self) -> None:
+        embeds = self.semantic_dedup or bool(self.cluster_filter_classnames)
+        _check(not embeds or bool(self.embed_model),
+               "prep.filters.semantic_dedup / cluster_filter_classnames need prep.filters.embed_model (the model "
+               "that embeds the images)")
+        _check(0.0 < self.semdedup_eps < 1.0, "prep.filters.semdedup_eps must be in (0, 1)")
+        _check(self.semdedup_keep != "clip_score" or not self.semantic_dedup or bool(self.clip_model),
+               "prep.filters.semdedup_keep=clip_score needs prep.filters.clip_model (the scores to rank by)")
+        for key in ("semdedup_clusters", "cluster_filter_clusters", "cluster_filter_nearest", "embed_batch_size",
+                    "kmeans_sample", "kmeans_iterations", "balance_t"):
+            _check(getattr(self, key) > 0, f"prep.filters.{key} must be > 0, got {getattr(self, key)}")
+        _check("{}" in self.cluster_filter_template,
+               "prep.filters.cluster_filter_template must contain {} (where the class name goes)")
+        _check(self.embed_device in ("cpu", "cuda", "auto"), "prep.filters.embed_device must be cpu, cuda or auto")
 
 
 @dataclass
@@ -210,13 +278,26 @@ class PrepConfig:
     """Seconds one image may take in all: connections, redirects, retries and reads (img2dataset has none)."""
     retries: int = 0
     """Extra attempts for failures that can pass (timeouts, resets, 5xx, 408, 429); 404s are never retried."""
+    per_host_connections: int = 0
+    """Polite crawling: most requests at once to one host, per download process (a host sees at most
+    processes x this); 0: no cap."""
+    per_host_rate: float = 0.0
+    """Polite crawling: most request starts per second to one host, per download process; 0: no limit."""
+    max_retry_after: float = 60.0
+    """Polite crawling: a 429/503 answer's Retry-After is waited for (pausing that host) when it asks for at most
+    this many seconds and retries and the deadline allow; a longer one gives the image up."""
     max_image_bytes: int = 20_000_000
     """Largest response body read; larger images are refused."""
     max_image_pixels: int = 89_478_485
     """Largest width x height, read from the image header before decoding (decompression-bomb guard)."""
     accepted_content_types: list[str] = field(
         default_factory=lambda: ["image/*", "application/octet-stream", "binary/octet-stream"])
-    """Content-Type patterns accepted; other responses (text/html, ...) are refused. A missing header is accepted."""
+    """Content-Type patterns that agree with image bytes (a missing header agrees). The bytes decide what is an
+    image; a disagreeing header is only counted (report.md), unless check_content_type is on."""
+    check_content_type: bool = False
+    """Opt-in: refuse a response whose Content-Type is not in accepted_content_types, even when its bytes are an
+    image (the web serves real images as text/plain or octet-stream, so this loses images); off, the bytes decide:
+    the format's own magic and a successful decode."""
     min_image_size: int = 0
     """Drop images whose smaller original side is below this (0 keeps all)."""
     max_aspect_ratio: float = 0.0
@@ -245,6 +326,8 @@ class PrepConfig:
             _check(getattr(self, key) > 0, f"prep.{key} must be > 0, got {getattr(self, key)}")
         _check(self.retries >= 0 and self.min_image_size >= 0, "prep.retries and prep.min_image_size must be >= 0")
         _check(self.deadline > 0, f"prep.deadline must be > 0 seconds, got {self.deadline}")
+        _check(self.per_host_connections >= 0 and self.per_host_rate >= 0 and self.max_retry_after >= 0,
+               "prep.per_host_connections, prep.per_host_rate and prep.max_retry_after must be >= 0")
         _check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1,
                "prep.max_aspect_ratio must be 0 (no limit) or >= 1")
         if self.encode_format == "png":
@@ -267,6 +350,10 @@ class ModelConfig:
     pretrained: str = ""
     """Weights to start from (fine-tuning): a .safetensors/.pt file or a clipline checkpoint folder; empty trains
     from scratch."""
+    hf_text_model: str = ""
+    """A local Hugging Face model folder (config.json, weights, tokenizer files) for the text tower of an
+    architecture whose text_cfg has hf_model_name: it replaces that name and hf_tokenizer_name. Empty: the
+    architecture's own. Checkpoints hold the tower's config and tokenizer, so they never need this folder."""
     lock_image: bool = False
     """Freeze the image tower (LiT: train the text tower against fixed image features)."""
     lock_image_unlocked_groups: int = 0
@@ -296,7 +383,8 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj", "in_proj_weight"])
     """Names (or dotted name suffixes) of what gets adapters in each LoRA tower: Linear/Conv modules (the
     transformers' MLP c_fc and c_proj; conv1/conv2/conv3 in a ResNet tower) or parameters (in_proj_weight: the
-    query/key/value projection of nn.MultiheadAttention). Layers whose forward never runs are skipped with a
+    query/key/value projection of nn.MultiheadAttention; in a Hugging Face BERT-style text tower: query, key,
+    value and dense). Layers whose forward never runs are skipped with a
     warning (nn.MultiheadAttention's out_proj and the ResNet attention pool's q/k/v/c_proj are read as weights),
     and a tower left with no adapter is an error."""
 
@@ -338,7 +426,19 @@ class TrainConfig:
     data_mode: Literal["epoch", "resampled"] = "epoch"
     """'epoch': every shard once per epoch, in a seeded order; 'resampled': shards drawn with replacement."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model (under parallel=fsdp: each residual block, before it is sharded)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """'ddp': every rank holds the whole model, gradients and AdamW state (fastest where the model fits);
+    'fsdp': FSDP2 shards them over the ranks (each residual block of both towers, then the root), for models that
+    do not fit one device. Checkpoints are then sharded (torch.distributed.checkpoint) and resume at any world size.
+    Does not compose with queue_size, distill_alpha, eval_every, LoRA or fp16 (refused at start)."""
+    fsdp_reshard_after_forward: bool = True
+    """parallel=fsdp: free each block's gathered parameters after its forward and gather them again in backward
+    (less memory); false keeps them until backward (one all-gather fewer per block and step)."""
+    fsdp_export_consolidated: bool = True
+    """parallel=fsdp: also gather the whole weights to rank 0 at each checkpoint and write them as
+    open_clip_model.safetensors beside the shards, so clipline eval and open_clip load the checkpoint unchanged;
+    false writes shards only (export later with `clipline export`)."""
     eval_every: int = 0
     """Run the eval section's datasets every this many steps (rank 0) and log the results; 0 disables."""
     queue_size: int = 0
@@ -432,6 +532,39 @@ class TrainConfig:
                "train.simclr_weight > 0 needs train.image_pipeline=fast: SimCLR's views are drawn by its decoder")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _check(bool(self.resume), "train.resume must be 'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class StorageConfig:
+    """Object storage (s3://, gs://, https://) for every path in the config, passed to fsspec. Credentials are best
+    left to each library's own environment (AWS_* variables and ~/.aws for s3fs, GOOGLE_APPLICATION_CREDENTIALS for
+    gcsfs); whatever is set here is never printed, logged or written into a run folder, checkpoint or result."""
+
+    endpoint_url: str = ""
+    """S3-compatible endpoint (MinIO, Ceph, R2, a loopback server), e.g. http://127.0.0.1:9000; empty: AWS's."""
+    profile: str = ""
+    """AWS profile name from ~/.aws (s3://); empty: AWS_PROFILE or the default chain."""
+    anon: bool = False
+    """Anonymous access (public buckets), no credentials sent."""
+    region: str = ""
+    """S3 region; empty: AWS_REGION / AWS_DEFAULT_REGION or the library's default."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra fsspec options for the object stores (s3://, gs://, az://; e.g. {key: ..., secret: ..., token: ...});
+    values of secret-looking keys are dropped from every saved copy of the config. https:// takes none."""
+    retries: int = 5
+    """Retries of a failed remote read (connection reset, 5xx, throttling, timeout), with exponential backoff; the
+    read resumes at the byte where it stopped. A training shard still failing after them is skipped and counted."""
+    retry_wait_s: float = 0.5
+    """Wait before the first retry; doubled after each failed one (capped at 30 s)."""
+    read_ahead_mib: float = 4.0
+    """Bytes fetched ahead of the reader per request of a remote shard (a block cache, not a whole-shard download)."""
+    cache_dir: str = "~/.cache/clipline"
+    """Local folder for the mirror of a remote run folder (runs/...), the staging of checkpoints before upload and
+    checkpoints downloaded for resume or eval (checkpoints/...)."""
+
+    def validate(self) -> None:
+        _check(self.retries >= 0 and self.retry_wait_s >= 0 and self.read_ahead_mib > 0,
+               "storage.retries and storage.retry_wait_s must be >= 0 and storage.read_ahead_mib > 0")
 
 
 @dataclass
@@ -604,6 +737,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -641,6 +775,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         _check(value in args, f"{where}: {value!r} is not one of {list(args)}")
         return value
+    if tp is Any:
+        return value
+    if origin is dict:
+        _check(isinstance(value, dict), f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), f"{where}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
@@ -831,7 +970,13 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
 
 
 def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain data of a config (section), with storage credentials dropped: this is what every saved copy holds."""
+    data = dataclasses.asdict(cfg)
+    if isinstance(data.get("storage"), dict):
+        from clipline.storage import redact_options
+
+        data["storage"]["options"] = redact_options(data["storage"]["options"])
+    return data
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -18,7 +18,7 @@ import yaml
 
 from clipline import config as config_module
 from clipline.config import (DemoConfig, EvalConfig, EvalDatasetConfig, LinearProbeConfig, ModelConfig,
-                             PrepConfig, PrepFilterConfig, RunConfig, TrainConfig, WandbConfig)
+                             PrepConfig, PrepFilterConfig, RunConfig, StorageConfig, TrainConfig, WandbConfig)
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -31,13 +31,14 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "eval.linear_probe": LinearProbeConfig,
     "eval.datasets.N": EvalDatasetConfig,
+    "storage": StorageConfig,
 }
 """Every section of the tree by its dotted prefix; eval.datasets.N stands for each entry of the eval.datasets list."""
 
 COMMAND_SECTIONS: dict[str, list[str]] = {
-    "prep": ["run", "prep", "prep.filters"],
-    "train": ["run", "model", "train", "wandb"],
-    "eval": ["run", "eval", "eval.linear_probe", "eval.datasets.N"],
+    "prep": ["run", "prep", "prep.filters", "storage"],
+    "train": ["run", "model", "train", "wandb", "storage"],
+    "eval": ["run", "eval", "eval.linear_probe", "eval.datasets.N", "storage"],
     "demo": list(SECTIONS),
     "config": list(SECTIONS),
 }

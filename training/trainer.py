@@ -24,14 +24,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from clipline.checkpoint import latest_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
-from clipline.config import Config, TrainConfig, WandbConfig, config_to_yaml
+from clipline import storage
+from clipline.checkpoint import (fetch_checkpoint, latest_checkpoint, prune_checkpoints, resolve_checkpoint,
+                                 save_checkpoint, save_sharded_checkpoint)
+from clipline.config import Config, TrainConfig, WandbConfig, config_to_dict, config_to_yaml
 from clipline.dist import (DistEnv, cleanup_distributed, cores_per_process, init_distributed, print0)
 from clipline.errors import UsageError
+from clipline import fsdp
 from clipline.io import atomic_write_text
 from clipline.precision import autocast, resolve_precision
 from clipline.models import (ModelBundle, create_model, has_lora, load_model_weights, lora_state_dict,
-                             open_clip_folder_config, save_model_weights)
+                             hf_tower_writers, open_clip_folder_config, save_model_weights)
 from clipline.shards import dataset_size, list_shards
 from training.augment import CropSpec, Normalizer, RandomCropDecoder, SimCLRViewsDecoder, pil_decoder
 from training.curves import CurveWriter
@@ -159,12 +162,21 @@ class Trainer:
     """Owns the model, optimizer, data position and counters; ``train()`` is the loop."""
 
     def __init__(self, cfg: Config, env: DistEnv):
+        storage.configure(cfg.storage)
         self.precision = resolve_precision(cfg.train.precision, env.device)
         print0(self.precision.line())
         self.eval_precision = resolve_precision(cfg.eval.precision, env.device).precision  # for in-loop evals
         # The resolved config (run folder, checkpoints, wandb) holds the precision the run uses, not 'auto'.
         cfg = replace(cfg, train=replace(cfg.train, precision=self.precision.precision))
         self.cfg, self.tc, self.env = cfg, cfg.train, env
+        self.fsdp = self.tc.parallel == "fsdp"
+        if self.fsdp:
+            fsdp.check_composition(cfg, self.precision.precision, env.device.type)
+            if storage.is_remote(self.tc.output_dir):
+                raise UsageError("train.parallel=fsdp writes sharded checkpoints to a local or shared filesystem "
+                                 "only: set train.output_dir to a path, not a bucket URL")
+            if not dist.is_initialized():  # fully_shard needs a process group, even a 1-process one
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         per_rank, rem = divmod(self.tc.global_batch_size, env.world_size * self.tc.accum_steps)
         if rem or per_rank == 0:
             raise UsageError(f"train.global_batch_size={self.tc.global_batch_size} must be a multiple of world size "
@@ -175,14 +187,22 @@ class Trainer:
         threads = self.tc.threads or default_threads(env)
         if threads:
             torch.set_num_threads(threads)
-        self.out = Path(self.tc.output_dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        # A bucket output_dir: run files live in a local mirror (storage.cache_dir/runs/...) synced up at each
+        # checkpoint and at the end; checkpoints go straight to the bucket.
+        self.remote_out = self.tc.output_dir if storage.is_remote(self.tc.output_dir) else None
+        if self.remote_out:
+            storage.check_reachable(storage.root_of(self.remote_out), "train.output_dir bucket")
+        self.out = storage.local_cache("runs", self.remote_out) if self.remote_out else Path(self.tc.output_dir)
+        self.ckpt_dir = storage.join(self.tc.output_dir, "checkpoints")
         self.shards = [] if self.synthetic else list_shards(self.tc.data)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         random.seed(cfg.run.seed)
         self.bundle: ModelBundle = create_model(cfg.model, device=env.device, objective=self.tc.loss)
         self.model = self.bundle.model
         self.net = self._with_simclr_head(self.model)  # what DDP and the optimizer see
+        if self.fsdp:  # before the optimizer, which must hold the sharded parameters
+            fsdp.shard_model(self.net, self.tc.precision, self.tc.fsdp_reshard_after_forward, self.tc.compile,
+                             log=print0)
         self.optimizer = make_optimizer(self.net, self.tc, env.device)
         self.normalize = Normalizer(self.model.visual.preprocess_cfg.get("mean"),
                                     self.model.visual.preprocess_cfg.get("std"), env.device)
@@ -199,8 +219,8 @@ class Trainer:
         self.stream_state = StreamState(positions=[0] * self.n_streams)
         self._resume()
         self.ddp = (DistributedDataParallel(self.net, device_ids=[env.device.index] if env.device.type == "cuda"
-                                            else None) if env.world_size > 1 else self.net)
-        self.forward = torch.compile(self.ddp) if self.tc.compile else self.ddp
+                                            else None) if env.world_size > 1 and not self.fsdp else self.net)
+        self.forward = torch.compile(self.ddp) if self.tc.compile and not self.fsdp else self.ddp
 
     # -- state -------------------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -214,9 +234,17 @@ class Trainer:
         path = self._resume_path()
         if path is None:
             return
+        source, path = path, fetch_checkpoint(path)  # a checkpoint in a bucket is read from a local copy
         state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
-        self._load_weights(path, state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (state.get("parallel", "ddp") == "fsdp") != self.fsdp:
+            raise UsageError(f"{path} was written with train.parallel={state.get('parallel', 'ddp')}, this run uses "
+                             f"{self.tc.parallel}: resume with the same setting, or start from its weights with "
+                             f"model.pretrained={path} train.resume=never")
+        if self.fsdp:  # model and optimizer from the shards, resharded to this world size
+            fsdp.load_sharded_state(path, self.net, self.optimizer)
+        else:
+            self._load_weights(path, state)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         if self.momentum_model is not None:
@@ -240,7 +268,7 @@ class Trainer:
                         self.n_streams, self.micro_batch)
             # A fresh order, not a replay of the first samples the run already trained on.
             self.stream_seed_offset = self.step
-        print0(f"resumed from {path} at step {self.step}")
+        print0(f"resumed from {storage.redact(source)} at step {self.step}")
 
     def _load_weights(self, path: Path, state: dict) -> None:
         """The open_clip weights file, then what it leaves out: LoRA's adapters and unmerged weights, SLIP's head."""
@@ -261,7 +289,7 @@ class Trainer:
         extra = {}
         if has_lora(self.model):
             extra["lora"] = lora_state_dict(self.model)
-        if self.net is not self.model:
+        if self.net is not self.model and not self.fsdp:  # under fsdp the head is in the shards
             extra["simclr_head"] = self.net.head.state_dict()
         return extra
 
@@ -280,7 +308,7 @@ class Trainer:
             extra = {"momentum_model": self.momentum_model.state_dict(),
                      "queues": {k: q.state_dict() for k, q in self.queues.items()}}
         return {**extra, **self._weights_beside_open_clip(), "step": self.step, "samples_seen": self.samples_seen,
-                "optimizer": self.optimizer.state_dict(),
+                **({"parallel": "fsdp"} if self.fsdp else {"optimizer": self.optimizer.state_dict()}),
                 "scaler": self.scaler.state_dict(), "world_size": self.env.world_size, "streams": self.n_streams,
                 "micro_batch": self.micro_batch, "precision": self.precision.record(),
                 "lr_schedule": {"lr": self.tc.lr, "warmup": self.tc.warmup_steps, "steps": self.tc.steps},
@@ -293,6 +321,8 @@ class Trainer:
         return head + config_to_yaml(self.cfg)
 
     def save(self) -> None:
+        if self.fsdp:
+            return self._save_sharded()
         state = self._train_state()  # collective: every rank takes part
         if self.env.is_main:
             folder_cfg = open_clip_folder_config(self.bundle)
@@ -301,11 +331,36 @@ class Trainer:
                 WEIGHTS: lambda p: save_model_weights(self.model, p),
                 TRAIN_STATE: lambda p: torch.save(state, p),
                 "config.yaml": lambda p: p.write_text(self.resolved_config_yaml()),
+                **hf_tower_writers(self.bundle),  # a Hugging Face text tower's config and tokenizer files
             })
             prune_checkpoints(self.ckpt_dir, self.tc.keep_last)
+            self._sync_run_folder()
             print0(f"saved {path}")
         if self.env.world_size > 1:
             dist.barrier()
+
+    def _save_sharded(self) -> None:
+        """parallel=fsdp: every rank writes its shards of the model and optimizer, rank 0 the rest; with
+        train.fsdp_export_consolidated also the whole weights, gathered to rank 0, as open_clip_model.safetensors."""
+        from safetensors.torch import save_file
+
+        state = self._train_state()  # collective: every rank takes part
+        weights = fsdp.full_weights(self.net, self.model) if self.tc.fsdp_export_consolidated else None  # same
+        writers = {}
+        if self.env.is_main:
+            folder_cfg = open_clip_folder_config(self.bundle)
+            writers = {"open_clip_config.json": lambda p: p.write_text(json.dumps(folder_cfg, indent=2)),
+                       TRAIN_STATE: lambda p: torch.save(state, p),
+                       "config.yaml": lambda p: p.write_text(self.resolved_config_yaml()),
+                       **hf_tower_writers(self.bundle)}
+            if weights is not None:
+                writers[WEIGHTS] = lambda p: save_file(weights, str(p))
+        path = save_sharded_checkpoint(self.ckpt_dir, self.step, fsdp.sharded_state(self.net, self.optimizer),
+                                       writers, self.env.rank)
+        if self.env.is_main:
+            prune_checkpoints(self.ckpt_dir, self.tc.keep_last)
+            print0(f"saved {path}")
+        dist.barrier()
 
     # -- one step ----------------------------------------------------------------------------------------------
     stream_seed_offset = 0
@@ -319,7 +374,8 @@ class Trainer:
                              tokenizer=self.bundle.tokenizer, n_streams=self.n_streams, state=self.stream_state,
                              resampled=self.tc.data_mode == "resampled",
                              # On a CPU the workers have time to spare and the model has none: normalise there.
-                             batch_transform=self.normalize if self.env.device.type == "cpu" else None)
+                             batch_transform=self.normalize if self.env.device.type == "cpu" else None,
+                             storage_cfg=self.cfg.storage)
         return make_loader(stream, self.workers, pin_memory=self.env.device.type == "cuda")
 
     def _synthetic_batches(self):
@@ -385,6 +441,8 @@ class Trainer:
         if len(micro_batches) == 1:
             loss = self._loss(*self._features(micro_batches[0]))
             self.scaler.scale(loss).backward()
+            if self.fsdp:  # FSDP reduced the sharded gradients; the replicated logit scale/bias are left
+                self._average_gradients()
             return loss.detach()
         return self._accumulated_forward_backward(micro_batches)
 
@@ -446,7 +504,9 @@ class Trainer:
         for name, b in self.net.named_buffers():
             b.copy_(buffers[name])
         cached = [torch.cat(parts).detach().requires_grad_() for parts in zip(*outputs)]
-        sync_off = self.ddp.no_sync() if self.ddp is not self.net else contextlib.nullcontext()
+        # Under fsdp each micro-batch's backward reduce-scatters into the sharded gradients (their sum is the
+        # same average), so the unsharded gradients of the whole model never exist at once.
+        sync_off = self.ddp.no_sync() if isinstance(self.ddp, DistributedDataParallel) else contextlib.nullcontext()
         with sync_off:
             loss = self._loss(*cached)
             self.scaler.scale(loss).backward()  # also gives the logit scale (and bias) their whole-batch gradient
@@ -460,7 +520,9 @@ class Trainer:
     def _average_gradients(self) -> None:
         if self.env.world_size == 1:
             return
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None and not fsdp.is_sharded(p.grad)]
+        if not grads:
+            return
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat /= self.env.world_size
@@ -470,7 +532,8 @@ class Trainer:
     def optimizer_step(self) -> None:
         if self.tc.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tc.grad_clip)
+            clip = fsdp.clip_grad_norm if self.fsdp else torch.nn.utils.clip_grad_norm_
+            clip(list(self.net.parameters()), self.tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         with torch.no_grad():
@@ -513,9 +576,16 @@ class Trainer:
             value /= self.env.world_size
         return float(value)
 
+    def _sync_run_folder(self) -> None:
+        """Upload the local mirror of a bucket output_dir (config, metrics, curves; wandb's own folder stays)."""
+        if self.remote_out and self.env.is_main:
+            storage.sync_up(self.out, self.remote_out, exclude=("checkpoints", "wandb"))
+
     def _prepare_run_folder(self) -> None:
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.remote_out:  # the bucket's copy is the run's record: resume truncates that one
+                storage.sync_down(self.remote_out, self.out, ("metrics.jsonl", "wandb_run_id"))
             atomic_write_text(self.out / "config.yaml", self.resolved_config_yaml())
             metrics = self.out / "metrics.jsonl"
             if metrics.is_file():  # drop lines logged after the checkpoint we resumed from: they are redone
@@ -570,11 +640,11 @@ class Trainer:
                f"{self.tc.global_batch_size} ({self.env.world_size} x {self.tc.accum_steps} x {self.micro_batch}), "
                f"{data}" + (f", {size} samples" if size else "") + f", on {self.env.device}")
         wandb_run = start_wandb(self.cfg.wandb, self.cfg.run.name, self.out, json.loads(json.dumps(
-            asdict(self.cfg))), self.env)
+            config_to_dict(self.cfg))), self.env)
         metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
         progress = Progress(self.tc.steps, self.step, enabled=self.env.is_main)
         curves = CurveWriter(self.out, enabled=self.env.is_main and self.tc.curves_every_s > 0,
-                             min_interval_s=self.tc.curves_every_s)
+                             min_interval_s=self.tc.curves_every_s, background=True)
         window_start, window_samples, skipped = time.perf_counter(), 0, {}
         batches = iter(self._loader())
         self.net.train()
@@ -621,6 +691,7 @@ class Trainer:
             # iterator outlived this call, multiprocessing's exit handler would terminate() them to no effect and
             # join them forever: the process hung after its last checkpoint.
             getattr(batches, "_shutdown_workers", lambda: None)()
+            self._sync_run_folder()
             progress.close()
             if metrics is not None:
                 metrics.close()
