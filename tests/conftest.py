@@ -98,6 +98,17 @@ def batches_for(trainer, samples: list[dict], size: int, normalized: bool = Fals
     return out
 
 
+@pytest.fixture(scope="session")
+def local_demo_run(tmp_path_factory):
+    """`clipline demo` with configs/test-tiny.yaml in a local folder, once per session: tests/test_pipeline.py checks
+    its artifacts, tests/test_storage_prep.py compares the same demo run in a bucket against its numbers."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run_cli("demo", str(REPO / "configs" / "demo.yaml"), str(REPO / "configs" / "test-tiny.yaml"),
+                     f"run.output_dir={out}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
 def require_or_skip(ok: bool, reason: str) -> None:
     """Skip when a prerequisite is missing, except under CI (``CI=true``), where `make test` is meant to have
     installed it: there a missing prerequisite fails the test instead of hiding it as a skip."""

@@ -21,11 +21,8 @@ TINY = str(REPO / "configs" / "test-tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    result = run_cli("demo", DEMO, TINY, f"run.output_dir={out}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+def demo_run(local_demo_run):
+    return local_demo_run  # conftest: one local test-tiny demo per session, shared with test_storage_prep.py
 
 
 def test_demo_writes_every_artifact(demo_run):

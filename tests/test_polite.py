@@ -49,24 +49,36 @@ class CountingServer:
                     server.seen[self.path] += 1
                     server.times.setdefault(self.path, []).append(time.monotonic())
                     first = server.seen[self.path] == 1
+                counted = [True]
+
+                def done() -> None:
+                    # The request stops counting just before its last bytes go out: once the client has the
+                    # whole answer (and frees its slot) this handler is no longer counted, so a next request
+                    # that follows at once is not seen as overlapping it.
+                    if counted[0]:
+                        with server.lock:
+                            server.active -= 1
+                        counted[0] = False
+
                 try:
                     time.sleep(delay)  # long enough for requests to overlap when nothing caps them
                     if self.path.startswith("/slow") and first:
                         self.send_response(429)
                         self.send_header("Retry-After", retry_after)
                         self.send_header("Content-Length", "0")
+                        done()
                         self.end_headers()
                         return
                     self.send_response(200)
                     self.send_header("Content-Type", "image/jpeg")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(body)
                     with server.lock:
                         server.served.add(self.path)
+                    done()
+                    self.wfile.write(body)
                 finally:
-                    with server.lock:
-                        server.active -= 1
+                    done()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -193,7 +193,7 @@ def _numbers(path: Path) -> list:
 
 
 @pytest.mark.slow
-def test_demo_with_its_run_root_in_a_bucket_gives_the_local_numbers(s3_server, tmp_path):
+def test_demo_with_its_run_root_in_a_bucket_gives_the_local_numbers(s3_server, local_demo_run, tmp_path):
     """configs/test-tiny.yaml's demo twice: in a local folder, and with run.output_dir in the bucket: URL lists,
     training and held-out shards, run folder, checkpoints, eval results and demo_summary.json all there (eval
     reading the checkpoint and the held-out shards from the bucket). Same numbers as the local run."""
@@ -201,8 +201,7 @@ def test_demo_with_its_run_root_in_a_bucket_gives_the_local_numbers(s3_server, t
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
     demo = ["demo", str(REPO / "configs" / "demo.yaml"), str(REPO / "configs" / "test-tiny.yaml")]
-    local = run_cli(*demo, f"run.output_dir={tmp_path / 'local'}", timeout=600)
-    assert local.returncode == 0, local.stderr[-3000:]
+    local_out, _ = local_demo_run  # the same demo in a local folder (conftest, shared with test_pipeline.py)
     root = f"s3://{BUCKET}/demo"
     there = run_cli(*demo, f"run.output_dir={root}", *storage_args(s3_server, tmp_path), timeout=600)
     assert there.returncode == 0, there.stdout[-2000:] + there.stderr[-3000:]
@@ -213,9 +212,9 @@ def test_demo_with_its_run_root_in_a_bucket_gives_the_local_numbers(s3_server, t
     assert fs.isfile(f"{BUCKET}/demo/shards/eval/manifest.json")
     bucket_results = tmp_path / "bucket_results.json"
     fs.get_file(f"{BUCKET}/demo/eval/results.json", str(bucket_results))
-    assert _numbers(bucket_results) == _numbers(tmp_path / "local" / "eval" / "results.json")
+    assert _numbers(bucket_results) == _numbers(local_out / "eval" / "results.json")
     summary = json.loads(fs.cat_file(f"{BUCKET}/demo/eval/demo_summary.json"))
-    assert summary["metrics"] == json.loads((tmp_path / "local" / "eval" / "demo_summary.json").read_text())["metrics"]
+    assert summary["metrics"] == json.loads((local_out / "eval" / "demo_summary.json").read_text())["metrics"]
     assert f"results: {root}/eval/results.md" in there.stdout
     written = [fs.cat_file(p).decode("latin-1") for p in fs.find(f"{BUCKET}/demo/eval")]
     assert not [t[:80] for t in written + [there.stdout, there.stderr]
