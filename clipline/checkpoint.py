@@ -52,12 +52,7 @@ def save_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Pa
                 os.fsync(f.fileno())
         (tmp / MARKER).write_text(f"{step}\n")
         fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
-            stale = root / f".stale-{final.name}-{os.getpid()}"
-            os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        _move_into_place(tmp, final)
     except BaseException as e:
         full = isinstance(e, Exception) and _out_of_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,6 +60,17 @@ def save_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Pa
             raise DiskFullError(_disk_full_message(root, step)) from e
         raise
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a complete temp folder to its step folder; the same step saved again (e.g. after a resume) replaces
+    the old folder whole."""
+    if final.exists():
+        stale = final.parent / f".stale-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 class DiskFullError(UsageError):
@@ -313,12 +319,7 @@ def save_sharded_checkpoint(root: str | Path, step: int, state: dict, writers: d
             (tmp / MARKER).write_text(f"{step}\n")
             fsync_dir(tmp / SHARDS)
             fsync_dir(tmp)
-            if final.exists():
-                stale = root / f".stale-{final.name}-{os.getpid()}"
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(root)
+            _move_into_place(tmp, final)
     except BaseException as e:
         full = rank == 0 and isinstance(e, Exception) and _out_of_space(e, tmp)
         if rank == 0:
