@@ -691,11 +691,11 @@ class Trainer:
             # iterator outlived this call, multiprocessing's exit handler would terminate() them to no effect and
             # join them forever: the process hung after its last checkpoint.
             getattr(batches, "_shutdown_workers", lambda: None)()
-            self._sync_run_folder()
             progress.close()
             if metrics is not None:
                 metrics.close()
                 curves.update(final=True)
+            self._sync_run_folder()  # after the final curves, so a bucket's copy of the run has them too
             wandb_run.finish()
         return True
 
