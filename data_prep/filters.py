@@ -8,6 +8,7 @@ it, and every stage's count equals the previous count minus what it removed.
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -71,14 +72,34 @@ def _boilerplate_re(patterns: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
 
 
-@lru_cache(maxsize=1)
+_IDENTIFIER_LOCK = threading.Lock()
+_IDENTIFIER: list = []
+
+
 def _language_identifier():
-    try:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-    except ImportError:
-        raise UsageError("prep.filters.languages needs the language detector py3langid (pip install py3langid); "
-                         "or set prep.filters.languages=[] to keep every language") from None
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    """py3langid's identifier, loaded once per process (its model is 68 MB of LZMA: ~0.5 s to decompress)."""
+    with _IDENTIFIER_LOCK:  # a preload in progress finishes first; nobody loads it twice
+        if not _IDENTIFIER:
+            try:
+                from py3langid.langid import MODEL_FILE, LanguageIdentifier
+            except ImportError:
+                raise UsageError("prep.filters.languages needs the language detector py3langid (pip install "
+                                 "py3langid); or set prep.filters.languages=[] to keep every language") from None
+            _IDENTIFIER.append(LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True))
+        return _IDENTIFIER[0]
+
+
+def preload_language_identifier() -> None:
+    """Start loading the language model in a background thread. Its LZMA decompression releases the GIL, so it
+    runs beside whatever the caller does next (prep imports img2dataset and torch meanwhile); the first
+    :func:`detect_languages` waits for it. A failure is left for that call to raise."""
+    def load() -> None:
+        try:
+            _language_identifier()
+        except Exception:  # noqa: BLE001 - raised again, with its message, where the model is used
+            pass
+
+    threading.Thread(target=load, name="language-model", daemon=True).start()
 
 
 def detect_languages(captions: pd.Series) -> tuple[pd.Series, pd.Series]:

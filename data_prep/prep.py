@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import itertools
 import json
 import shutil
@@ -42,7 +43,7 @@ from clipline.shards import MANIFEST_FILE, SIZES_FILE, ShardManifest, list_shard
 from data_prep import curate as curation
 from data_prep import remote
 from data_prep.address_guard import parse_networks, refusal_reason
-from data_prep.filters import Funnel, SampleFilters, caption_keep_mask, top_removed
+from data_prep.filters import Funnel, SampleFilters, caption_keep_mask, preload_language_identifier, top_removed
 from data_prep.report import render_report, write_plots
 from data_prep.url_list import CAPTIONLESS, ListReport, read_url_list, validate_rows
 
@@ -105,12 +106,14 @@ def _extra_columns(cfg: PrepConfig, df: pd.DataFrame) -> list[str]:
 
 
 def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None,
-                  removed_captions: dict[str, Counter] | None = None) -> tuple[pd.DataFrame, ListReport]:
+                  removed_captions: dict[str, Counter] | None = None,
+                  before_filters=None) -> tuple[pd.DataFrame, ListReport]:
     """Read, validate and clean the URL list, apply the caption filters and the address check; nothing is written.
 
     Returns the rows to download, with columns ``url``, ``caption`` and the extra columns; ``attrs[CAPTIONLESS]``
     is set for a list without captions (bare-URL .txt), on which no caption filter runs. The captions the filters
-    removed are counted per reason into ``removed_captions``.
+    removed are counted per reason into ``removed_captions``. ``before_filters()`` runs once the list has passed
+    validation, before the caption filters.
     """
     funnel = funnel if funnel is not None else Funnel()
     df = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col)
@@ -119,6 +122,8 @@ def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None,
     df, report = validate_rows(df, cfg.url_col, cfg.caption_col)
     funnel.record("list validation", report.dropped)
     extra = _extra_columns(cfg, df)
+    if before_filters is not None:
+        before_filters()
     df = df[[cfg.url_col, cfg.caption_col, *extra]].rename(columns={cfg.url_col: "url", cfg.caption_col: "caption"})
     if captionless:
         funnel.record("caption filters (none: the list has no captions)", {})
@@ -442,7 +447,12 @@ def run_prep(cfg: PrepConfig) -> ShardManifest:
     bucket = cfg.output_dir if remote.is_remote(cfg.output_dir) else ""
     if bucket:
         remote.check_writable(bucket)
-    df, report = prepare_input(cfg, funnel, removed_captions)
+    if cfg.filters.languages:
+        preload_language_identifier()  # its decompression overlaps the list's reading and the imports below
+    # img2dataset and torch (seconds) are imported once the list is valid (a bad list is refused first) and while
+    # the language model loads, before the caption filters need it.
+    df, report = prepare_input(cfg, funnel, removed_captions,
+                               before_filters=lambda: importlib.import_module("data_prep.downloader"))
     log(f"URL list {redact(cfg.url_list)}: {report.rows_in} rows, {len(df)} to download"
         + "".join(f"\n  dropped, {line}" for line in report.lines()))
     out = remote.staging_folder(cfg.output_dir)  # a bucket's build runs in a local folder, then is published

@@ -218,18 +218,29 @@ def test_eval_plots_draw_each_chance_level_once_dashed_and_labelled(tmp_path, sa
     assert "chance 12.5%: colour, shape" in labels and "chance 33.3%: size" in labels
 
 
-def test_prep_histograms_have_axis_titles_and_ticks(tmp_path, saved_figures):
+def test_prep_histograms_draw_one_bar_per_value_with_ticks_and_the_median(tmp_path):
     import numpy as np
 
-    from data_prep.report import write_plots
+    from data_prep.report import _nice_ticks, write_plots
 
     rng = np.random.default_rng(0)
+    words = rng.integers(3, 20, 40)
     written = write_plots(tmp_path, [{"stage": "listed", "count": 50}, {"stage": "written", "count": 40}],
-                          rng.integers(3, 20, 40), rng.integers(200, 900, 40), rng.integers(200, 900, 40))
+                          words, rng.integers(200, 900, 40), rng.integers(200, 900, 40))
     assert all((tmp_path / p).is_file() for p in written)
-    assert len(saved_figures) == 2  # the two histograms
-    for fig, xlabel in zip(saved_figures, ("caption length (words)", "shorter image side (pixels)")):
-        ax = fig.axes[0]
-        assert ax.get_xlabel() == xlabel and ax.get_ylabel() == "samples"
-        assert len([t for t in ax.get_xticklabels() if t.get_text()]) >= 4
-        assert len([t for t in ax.get_yticklabels() if t.get_text()]) >= 3
+    with Image.open(tmp_path / "report_caption_length.png") as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    bar = (np.abs(pixels - [0x55, 0xA8, 0x68]).sum(axis=2) == 0).any(axis=0)  # columns holding a bar
+    runs = np.count_nonzero(bar[1:] & ~bar[:-1]) + int(bar[0])
+    assert runs == len(set(words.tolist()))  # one bar per caption length present, with gaps between bars
+    dashed = (np.abs(pixels - 0x4D).sum(axis=2) == 0).sum(axis=0)  # the median's dashed line: one grey column
+    assert dashed.max() > 50 and np.count_nonzero(dashed > 50) == 1
+    assert _nice_ticks(0, 41) == [0, 10, 20, 30, 40] and _nice_ticks(200, 900) == [200, 400, 600, 800]
+    assert _nice_ticks(250, 262) == [250, 252, 254, 256, 258, 260, 262]
+    # Every image the same size: one bar in the middle of a whole-number axis around it.
+    written = write_plots(tmp_path, [{"stage": "listed", "count": 5}], np.full(5, 7), np.full(5, 256),
+                          np.full(5, 256))
+    with Image.open(tmp_path / "report_resolution.png") as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    columns = np.flatnonzero((np.abs(pixels - [0x55, 0xA8, 0x68]).sum(axis=2) == 0).any(axis=0))
+    assert 0 < len(columns) < 60 and abs((columns.min() + columns.max()) / 2 - (62 + 620) / 2) < 30
