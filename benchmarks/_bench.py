@@ -89,16 +89,20 @@ def measured(cmd: list[str], *, env: dict | None = None, cwd: str | Path | None 
              check: bool = True) -> dict:
     """Run ``cmd`` in a fresh process; its wall seconds, CPU seconds and the machine's load around it."""
     load_before = os.getloadavg()
-    busy0, own0, t0 = _busy_seconds(), _children_cpu(), time.perf_counter()
+    busy0, own0, self0, t0 = _busy_seconds(), _children_cpu(), time.process_time(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     own = _children_cpu() - own0
-    other = max(0.0, _busy_seconds() - busy0 - own)
+    # "Other" is other processes: the benchmark's own process is left out too, since what it does meanwhile is part
+    # of the setup both tools share (prep_throughput's image server runs in it and kept ~0.25 of a core busy).
+    setup = time.process_time() - self0
+    other = max(0.0, _busy_seconds() - busy0 - own - setup)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-3000:]}")
     other_cores = other / seconds if seconds > 0 else 0.0
     return {"seconds": seconds, "cpu_seconds": own, "other_cores": round(other_cores, 3),
+            "benchmark_process_cores": round(setup / seconds if seconds > 0 else 0.0, 3),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "loaded": other_cores > LOADED_CORES,
             "stdout": proc.stdout, "stderr": proc.stderr, "returncode": proc.returncode}
@@ -107,8 +111,8 @@ def measured(cmd: list[str], *, env: dict | None = None, cwd: str | Path | None 
 def round_record(run: dict, **values) -> dict:
     """The JSON row of one measured run: its values beside its load (stdout and stderr left out)."""
     return {**values, "seconds": round(run["seconds"], 3), "cpu_seconds": round(run["cpu_seconds"], 2),
-            "other_cores": run["other_cores"], "loaded": run["loaded"],
-            "load_average_before": run["load_average_before"], "load_average_after": run["load_average_after"]}
+            "other_cores": run["other_cores"], "benchmark_process_cores": run.get("benchmark_process_cores"),
+            "loaded": run["loaded"], "load_average_before": run["load_average_before"], "load_average_after": run["load_average_after"]}
 
 
 def quiet_median(rows: list[dict], key: str) -> tuple[float | None, int, bool]:

@@ -34,7 +34,9 @@ from functools import partial
 from pathlib import Path
 
 from clipline.errors import UsageError
+from data_prep.dedup import phash_bytes
 from data_prep.fetch import FetchPolicy, fetch  # sets NO_ALBUMENTATIONS_UPDATE before img2dataset is imported
+from data_prep.reshard import phash_file
 
 import img2dataset.downloader as _i2d_downloader  # noqa: E402,I001
 from img2dataset.logger import LoggerProcess  # noqa: E402
@@ -129,15 +131,46 @@ def _replaced(module, name: str, value):
         setattr(module, name, original)
 
 
-class GuardedDownloader(_i2d_downloader.Downloader):
-    """img2dataset's Downloader, fetching with :func:`data_prep.fetch.fetch` under ``policy``."""
+class PhashingWriter:
+    """img2dataset's sample writer for one shard, plus the pHash of each image it writes (data_prep.dedup's, on the
+    bytes written), saved to ``_phash/NNNNN.json`` when the shard closes, before its _stats.json. img2dataset calls
+    write() from its worker's main thread only."""
 
-    def __init__(self, *, policy: FetchPolicy, **kwargs):
+    def __init__(self, writer_class, shard_id, output_folder, *args, **kwargs):
+        self._inner = writer_class(shard_id, output_folder, *args, **kwargs)
+        self._path = phash_file(Path(output_folder) / f"{shard_id:05d}.tar")
+        self._hashes: dict[str, str] = {}
+
+    def write(self, img_str, key, caption, meta):
+        if img_str is not None:
+            value = phash_bytes(img_str)
+            if value is not None:
+                self._hashes[key] = f"{value:016x}"
+        self._inner.write(img_str, key, caption, meta)
+
+    def close(self):
+        self._inner.close()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        tmp.write_text(json.dumps(self._hashes))
+        os.replace(tmp, self._path)
+
+
+class GuardedDownloader(_i2d_downloader.Downloader):
+    """img2dataset's Downloader, fetching with :func:`data_prep.fetch.fetch` under ``policy``; with ``phash``, its
+    writer also saves each image's pHash for the filters (:class:`PhashingWriter`)."""
+
+    def __init__(self, *, policy: FetchPolicy, phash: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.policy = policy
+        if phash:
+            self.sample_writer_class = partial(PhashingWriter, self.sample_writer_class)
 
     def download_shard(self, row):
         exit_with_parent()
+        # A side file left by an earlier, unfinished download of this shard (maybe without pHashes) must not
+        # outlive it: it is written again when the shard closes.
+        phash_file(Path(self.output_folder) / f"{row[0]:05d}.tar").unlink(missing_ok=True)
         # One shard at a time per worker process, so swapping module-level functions for its length is safe.
         notes: Counter = Counter()
         fetch_one = partial(_fetch_for_img2dataset, policy=self.policy, notes=notes)
@@ -177,6 +210,8 @@ class DownloadRequest:
     spark_master: str = ""
     output_format: str = "webdataset"
     max_shard_retry: int = 1
+    phash: bool = False
+    """Save each image's pHash beside its shard (the near-dedup and decontamination filters need it)."""
 
 
 def expected_shards(rows: int, samples_per_shard: int) -> list[int]:
@@ -223,7 +258,7 @@ def _sigint_restored():
 def run_download(req: DownloadRequest) -> set[int]:
     """Run img2dataset (incremental: finished shards are skipped) and return the finished shard ids."""
     check_backends(req.distributor, req.output_format)
-    factory = partial(GuardedDownloader, policy=req.policy)
+    factory = partial(GuardedDownloader, policy=req.policy, phash=req.phash)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_replaced(_i2d_main, "Downloader", factory))
         stack.enter_context(_replaced(_i2d_main, "LoggerProcess", GuardedLoggerProcess))

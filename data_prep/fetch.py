@@ -122,8 +122,10 @@ class _Watchdog:
                 self._thread.start()
             token = next(self._ids)
             self._pending[token] = sock
+            earliest = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, token))
-            self._cv.notify()
+            if earliest:  # the thread sleeps until the earliest deadline; only an earlier one needs to wake it
+                self._cv.notify()
             return token
 
     def cancel(self, token: int) -> None:

@@ -221,7 +221,7 @@ def fetch_policy(cfg: PrepConfig):
         per_host_rate=cfg.per_host_rate, max_retry_after=cfg.max_retry_after)
 
 
-def _download(cfg: PrepConfig, work: Path, df: pd.DataFrame) -> None:
+def _download(cfg: PrepConfig, work: Path, df: pd.DataFrame, phash: bool = False) -> None:
     from data_prep.downloader import DownloadRequest, run_download
 
     input_path = atomic_write(work / INPUT_FILE, lambda p: df.to_parquet(p, index=False))
@@ -230,7 +230,7 @@ def _download(cfg: PrepConfig, work: Path, df: pd.DataFrame) -> None:
         extra_columns=[c for c in df.columns if c not in ("url", "caption")], policy=fetch_policy(cfg),
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, encode_format=cfg.encode_format,
         encode_quality=cfg.encode_quality, samples_per_shard=cfg.samples_per_shard, processes=cfg.processes,
-        threads=cfg.threads, distributor=cfg.distributor, spark_master=cfg.spark_master))
+        threads=cfg.threads, distributor=cfg.distributor, spark_master=cfg.spark_master, phash=phash))
 
 
 def download_outcomes(work: Path) -> tuple[Counter, Counter, Counter, Counter]:
@@ -493,12 +493,12 @@ def run_prep(cfg: PrepConfig) -> ShardManifest:
         n_shards = -(-len(df) // cfg.samples_per_shard)
         staged = curation.staging_dir(cfg, out)
         mirror = (lambda shard_id: remote.mirror_download(work, bucket, shard_id)) if bucket else None
-        filtering = ConcurrentFilter(SampleFilters(cfg, caption_filters=False, stats=stats), cfg, work, n_shards,
-                                     staged, stats, on_download=mirror)
+        filters = SampleFilters(cfg, caption_filters=False, stats=stats)
+        filtering = ConcurrentFilter(filters, cfg, work, n_shards, staged, stats, on_download=mirror)
         with curation.held_session(cfg):  # pyspark: one Spark session for the download and the curation pass
             filtering.start()
             try:
-                _download(cfg, work, df)
+                _download(cfg, work, df, phash=filters.needs_phash)
             except BaseException:
                 filtering.stop()  # the download's error is the one to report
                 raise

@@ -28,6 +28,8 @@ from clipline.shards import MANIFEST_FILE, ShardManifest
 
 DOWNLOAD_DIR = "_download"
 FETCH_NOTES_DIR = "fetch_notes"
+PHASH_DIR = "_phash"
+"""data_prep.reshard.PHASH_DIR (that module imports PIL and pandas; this one stays light)."""
 BUILD_FILES = ("[0-9]*.tar", "sizes.json", "stats.json", "report.md", "report_*.png")
 """Top-level objects of a build in the bucket (besides manifest.json and _download/)."""
 _NOT_PUBLISHED = ("_*", ".*", "*.tmp", "demo_source.sha256")
@@ -56,7 +58,8 @@ def mirror_download(work: Path, output_dir: str, shard_id: int) -> None:
     """Put one finished download shard into ``{output_dir}/_download``, its stats object last."""
     remote = storage.join(output_dir, DOWNLOAD_DIR)
     name = f"{shard_id:05d}"
-    for f in (work / f"{name}.tar", work / f"{name}.parquet", work / FETCH_NOTES_DIR / f"{name}.json"):
+    for f in (work / f"{name}.tar", work / f"{name}.parquet", work / FETCH_NOTES_DIR / f"{name}.json",
+              work / PHASH_DIR / f"{name}.json"):
         if f.is_file():
             storage.put_file(f, storage.join(remote, *f.relative_to(work).parts))
     storage.put_file(work / f"{name}_stats.json", storage.join(remote, f"{name}_stats.json"))
@@ -74,7 +77,8 @@ def restore_downloads(output_dir: str, work: Path, names: tuple[str, ...]) -> in
     for n in names:
         if n in entries and not (work / n).is_file():
             storage.get_file(storage.join(remote, n), work / n)
-    notes = {storage.name(e) for e in storage.listdir(storage.join(remote, FETCH_NOTES_DIR))}
+    side = {folder: {storage.name(e) for e in storage.listdir(storage.join(remote, folder))}
+            for folder in (FETCH_NOTES_DIR, PHASH_DIR)}
     restored = 0
     for stats in sorted(e for e in entries if fnmatch.fnmatch(e, "[0-9]*_stats.json")):
         name = stats.split("_", 1)[0]
@@ -83,8 +87,9 @@ def restore_downloads(output_dir: str, work: Path, names: tuple[str, ...]) -> in
         for part in (f"{name}.tar", f"{name}.parquet"):
             if part in entries:
                 storage.get_file(storage.join(remote, part), work / part)
-        if f"{name}.json" in notes:
-            storage.get_file(storage.join(remote, FETCH_NOTES_DIR, f"{name}.json"), work / FETCH_NOTES_DIR / f"{name}.json")
+        for folder, names_there in side.items():
+            if f"{name}.json" in names_there:
+                storage.get_file(storage.join(remote, folder, f"{name}.json"), work / folder / f"{name}.json")
         storage.get_file(storage.join(remote, stats), work / stats)
         restored += 1
     return restored

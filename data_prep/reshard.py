@@ -62,9 +62,32 @@ def _size(meta: dict, image: bytes) -> tuple[int, int]:
         return 0, 0
 
 
+PHASH_DIR = "_phash"
+"""Beside img2dataset's shards in prep's download folder: ``_phash/NNNNN.json``, the pHash of every image of shard
+NNNNN (key -> 16 hex digits), computed by the download processes while the image's bytes are at hand
+(data_prep.downloader.PhashingWriter), so that the filter pass does not decode each image again."""
+
+
+def phash_file(shard: str | Path) -> Path:
+    shard = Path(shard)
+    return shard.parent / PHASH_DIR / (shard.name.split(".", 1)[0] + ".json")
+
+
+def read_phashes(shard: str) -> dict[str, int]:
+    """The pHashes the download computed for ``shard`` (empty if it has none: older downloads, other folders)."""
+    if "://" in str(shard):
+        return {}
+    try:
+        return {k: int(v, 16) for k, v in json.loads(phash_file(shard).read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
 def read_shard(path: str, with_phash: bool, skipped: Counter) -> tuple[pd.DataFrame, dict[str, dict[str, bytes]]]:
-    """One shard's complete samples (image + caption) in key order: their features, and their files by key."""
+    """One shard's complete samples (image + caption) in key order: their features, and their files by key. The
+    pHash comes from the download's side file where it has one (the same function on the same bytes)."""
     rows, samples = [], {}
+    known = read_phashes(path) if with_phash else {}
     for key, sample in sorted(iter_keyed_samples(path, skipped), key=lambda kv: kv[0]):
         image = image_of(sample)
         if image is None or "txt" not in sample:
@@ -74,7 +97,7 @@ def read_shard(path: str, with_phash: bool, skipped: Counter) -> tuple[pd.DataFr
         width, height = _size(meta, image)
         digest = meta.get("sha256") or hashlib.sha256(image).hexdigest()
         rows.append((path, key, sample["txt"].decode("utf-8", "replace"), width, height, digest,
-                     phash_bytes(image) if with_phash else None))
+                     (known[key] if key in known else phash_bytes(image)) if with_phash else None))
         samples[key] = sample
     return pd.DataFrame(rows, columns=FEATURE_COLUMNS), samples
 

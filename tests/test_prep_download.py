@@ -159,6 +159,27 @@ def test_report_and_plots_are_written(mixed):
     assert stats["funnel"][-1]["count"] == 11 and stats["list_issues"]["duplicate_url"]["count"] == 1
 
 
+def test_download_processes_hash_each_image_as_the_filters_would(mixed):
+    """The near-dedup filter takes each image's pHash from the download processes (_download/_phash/NNNNN.json)
+    instead of decoding it again: every downloaded image has one, equal to phash_bytes of the bytes in the shard,
+    and the written samples carry those values."""
+    work = mixed["out"] / DOWNLOAD_DIR
+    side: dict[str, str] = {}
+    for shard in sorted(work.glob("[0-9]*.tar")):
+        hashes = json.loads((work / "_phash" / (shard.stem + ".json")).read_text())
+        with tarfile.open(shard) as tar:
+            images = {m.name[:-4]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+        assert set(hashes) == set(images)
+        assert all(int(hashes[k], 16) == phash_bytes(images[k]) for k in images)
+        side.update(hashes)
+    stats = json.loads((mixed["out"] / "stats.json").read_text())
+    assert len(side) == stats["success"]
+    for shard in sorted(mixed["out"].glob("[0-9]*.tar")):
+        with tarfile.open(shard) as tar:
+            metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+        assert metas and all(m["phash"] == side[m["key"]] for m in metas)
+
+
 def test_overwrite_mode_rebuilds_where_img2dataset_crashes(tmp_path):
     out = tmp_path / "out"
     with MisbehavingServer({"a.jpg": make_samples(1, seed=3, image_size=32)[0]["jpg"]}) as server:
