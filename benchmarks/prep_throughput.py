@@ -21,9 +21,11 @@ around it (benchmarks/_bench.py; rounds where other processes kept more than a q
 
 Per-stage CPU time of clipline prep (thread CPU time, time.thread_time, summed around each stage's function in the
 measured process, so the figures are CPU seconds whatever the machine's load):
-  download, decode, resize   CPU of img2dataset's worker processes (the children's rusage)
+  download, decode, resize   CPU of img2dataset's worker processes (the children's rusage); the pHash of each
+                             image is computed there too (data_prep.downloader.PhashingWriter)
   language id                data_prep.filters.detect_languages on the URL list
-  pHash                      data_prep.reshard.phash_bytes, per stored image
+  pHash                      data_prep.reshard.phash_bytes in the parent: only images without a hash from the
+                             download (none in this benchmark, so the stage is absent from its table)
   dedup index                data_prep.dedup.HammingIndex (near-duplicate search and inserts) + the sha256 set
   writing                    data_prep.reshard.ShardWriter (the filtered shards)
   the rest                   everything else in the parent (list validation, reading shards, manifest, report)

@@ -37,16 +37,17 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT = _dct_matrix(HASH_SIDE)[:LOW_FREQ]  # only the rows of the low frequencies are ever needed
-_BIT_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
 
 
 def phash_image(img: Image.Image) -> int:
     """The 64-bit perceptual hash of a PIL image."""
     grey = img.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
     pixels = np.asarray(grey, dtype=np.float64)
-    low = _DCT @ pixels @ _DCT.T  # the 8 x 8 lowest frequencies of the 2-D DCT-II
-    bits = (low > np.median(low)).ravel()
-    return int(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
+    low = (_DCT @ pixels @ _DCT.T).ravel()  # the 8 x 8 lowest frequencies of the 2-D DCT-II
+    ranked = np.sort(low)
+    half = low.size // 2  # 32 of 64: the median is the mean of the two middle values
+    bits = low > (ranked[half - 1] + ranked[half]) / 2  # above their median (np.median, without its overhead per image)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def phash_bytes(data: bytes) -> int | None:
