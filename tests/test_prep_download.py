@@ -180,6 +180,28 @@ def test_download_processes_hash_each_image_as_the_filters_would(mixed):
         assert metas and all(m["phash"] == side[m["key"]] for m in metas)
 
 
+def test_filter_pass_takes_the_phash_from_the_side_file_and_hashes_only_what_it_lacks(mixed, tmp_path):
+    """read_shard uses the download's hash where the side file has one (a planted value comes back unchanged, so
+    that image was not decoded again) and computes it where the side file has none."""
+    from collections import Counter
+
+    from data_prep.reshard import phash_file, read_shard
+
+    shard = sorted((mixed["out"] / DOWNLOAD_DIR).glob("[0-9]*.tar"))[0]
+    copy = tmp_path / shard.name
+    copy.write_bytes(shard.read_bytes())
+    hashes = json.loads(phash_file(shard).read_text())
+    planted, dropped = sorted(hashes)[:2]
+    hashes[planted] = "0123456789abcdef"
+    del hashes[dropped]
+    phash_file(copy).parent.mkdir()
+    phash_file(copy).write_text(json.dumps(hashes))
+    features, samples = read_shard(str(copy), True, Counter())
+    got = dict(zip(features["key"], features["phash"]))
+    assert got[planted] == 0x0123456789ABCDEF
+    assert got[dropped] == phash_bytes(samples[dropped]["jpg"])
+
+
 def test_overwrite_mode_rebuilds_where_img2dataset_crashes(tmp_path):
     out = tmp_path / "out"
     with MisbehavingServer({"a.jpg": make_samples(1, seed=3, image_size=32)[0]["jpg"]}) as server:
