@@ -29,7 +29,10 @@ from clipline.shards import MANIFEST_FILE, ShardManifest
 DOWNLOAD_DIR = "_download"
 FETCH_NOTES_DIR = "fetch_notes"
 PHASH_DIR = "_phash"
-"""data_prep.reshard.PHASH_DIR (that module imports PIL and pandas; this one stays light)."""
+"""Beside img2dataset's shards in prep's download folder: ``_phash/NNNNN.json``, the pHash of every image of shard
+NNNNN (key -> 16 hex digits), computed by the download processes while the image's bytes are at hand
+(data_prep.downloader.PhashingWriter), so that the filter pass does not decode each image again
+(data_prep.reshard.phash_file names the file)."""
 BUILD_FILES = ("[0-9]*.tar", "sizes.json", "stats.json", "report.md", "report_*.png")
 """Top-level objects of a build in the bucket (besides manifest.json and _download/)."""
 _NOT_PUBLISHED = ("_*", ".*", "*.tmp", "demo_source.sha256")

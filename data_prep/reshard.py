@@ -25,6 +25,7 @@ from PIL import Image
 from clipline.io import fsync_dir
 from clipline.shards import iter_keyed_samples
 from data_prep.dedup import phash_bytes
+from data_prep.remote import PHASH_DIR
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FEATURE_COLUMNS = ["shard", "key", "caption", "width", "height", "sha256", "phash"]
@@ -62,10 +63,6 @@ def _size(meta: dict, image: bytes) -> tuple[int, int]:
         return 0, 0
 
 
-PHASH_DIR = "_phash"
-"""Beside img2dataset's shards in prep's download folder: ``_phash/NNNNN.json``, the pHash of every image of shard
-NNNNN (key -> 16 hex digits), computed by the download processes while the image's bytes are at hand
-(data_prep.downloader.PhashingWriter), so that the filter pass does not decode each image again."""
 
 
 def phash_file(shard: str | Path) -> Path:
