@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 
 from clipline.errors import UsageError
+from clipline.io import atomic_write_json
 from data_prep.dedup import phash_bytes
 from data_prep.fetch import FetchPolicy, fetch  # sets NO_ALBUMENTATIONS_UPDATE before img2dataset is imported
 from data_prep.reshard import phash_file
@@ -112,11 +113,7 @@ def read_fetch_notes(folder: str | Path, shard_id: int) -> Counter:
 
 def _stats_after_notes(write_stats, notes: Counter):
     def wrapper(output_folder, shard_id, *args, **kwargs):
-        path = Path(output_folder) / FETCH_NOTES.format(shard_id=shard_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(dict(notes)))
-        os.replace(tmp, path)
+        atomic_write_json(Path(output_folder) / FETCH_NOTES.format(shard_id=shard_id), dict(notes))
         return write_stats(output_folder, shard_id, *args, **kwargs)
     return wrapper
 
@@ -150,10 +147,7 @@ class PhashingWriter:
 
     def close(self):
         self._inner.close()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        tmp.write_text(json.dumps(self._hashes))
-        os.replace(tmp, self._path)
+        atomic_write_json(self._path, self._hashes)
 
 
 class GuardedDownloader(_i2d_downloader.Downloader):
