@@ -183,15 +183,67 @@ def test_phash_survives_reencoding_and_resizing_but_not_other_images():
     assert phash_bytes(b"not an image") is None
 
 
-def test_phash_matches_the_reference_definition():
-    # The definition written out with scipy's DCT (what the imagehash package does): same bits.
+def _reference_phash(grey: np.ndarray) -> int:
+    # The definition written out with scipy's DCT and np.median (as the imagehash package does, but for the
+    # downscaling filter: area averaging instead of Lanczos).
+    import cv2
     from scipy.fft import dct
 
-    img = Image.open(io.BytesIO(make_samples(1, seed=8, image_size=64)[0]["jpg"]))
-    pixels = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    pixels = cv2.resize(grey.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float64)
     low = dct(dct(pixels, axis=0), axis=1)[:8, :8]
     bits = (low > np.median(low)).ravel()
-    assert phash_image(img) == int("".join("1" if x else "0" for x in bits), 2)
+    return int("".join("1" if x else "0" for x in bits), 2)
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    from input_pipeline import picture  # benchmarks/: colour fields, hard edges and sensor noise, like a photo
+
+    return Image.open(io.BytesIO(picture(np.random.default_rng(seed), width, height))).convert("RGB")
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_phash_matches_the_reference_definition(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    for i, (w, h) in enumerate([(300, 260), (700, 480), (64, 64), (33, 500)]):
+        grey = _photo(w, h, seed=i).convert("L")
+        expected = _reference_phash(np.asarray(grey))
+        # Lossless input decodes at full size: exactly the definition, from bytes and from a PIL image.
+        assert phash_bytes(_encoded(grey, "PNG")) == expected
+        assert phash_image(grey) == expected
+        # A JPEG decodes at 1/8, 1/4 or 1/2 scale (keeping >= 32 px a side), whose pixels are block means, each
+        # weighted by the source area it covers (the last row and column of blocks may be partial): the same
+        # average, so only the encoder's loss moves a bit or two.
+        assert hamming(phash_bytes(_encoded(grey, "JPEG", quality=95)), expected) <= 2, (w, h)
+
+
+def test_phash_decodes_a_jpeg_at_the_smallest_scale_that_keeps_32_pixels(monkeypatch):
+    import cv2
+
+    import data_prep.dedup as dedup
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    calls = []
+    real = cv2.imdecode
+    monkeypatch.setattr(dedup.cv2, "imdecode", lambda buf, flags: calls.append(flags) or real(buf, flags))
+    for side, scale_flag in [(256, cv2.IMREAD_REDUCED_GRAYSCALE_8), (255, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                             (128, cv2.IMREAD_REDUCED_GRAYSCALE_4), (64, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+                             (40, cv2.IMREAD_GRAYSCALE)]:
+        calls.clear()
+        assert phash_bytes(_encoded(_photo(side, side, seed=side), "JPEG", quality=90)) is not None
+        assert calls == [scale_flag | cv2.IMREAD_IGNORE_ORIENTATION], side  # one decode, at that scale
+
+
+def test_phash_of_a_gif_and_of_a_colour_image_agree_with_their_greyscale_png():
+    for fmt in ("GIF", "WEBP"):
+        img = Image.open(io.BytesIO(make_samples(1, seed=9, image_size=96)[0]["jpg"])).convert("RGB")
+        data = _encoded(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        decoded = Image.open(io.BytesIO(data)).convert("L")  # GIF: the palette image the file really holds
+        assert hamming(phash_bytes(data), phash_bytes(_encoded(decoded, "PNG"))) <= 1, fmt
 
 
 def test_hamming_index_finds_exactly_the_hashes_within_distance():
