@@ -23,7 +23,9 @@ Per-stage CPU time of clipline prep (thread CPU time, time.thread_time, summed a
 measured process, so the figures are CPU seconds whatever the machine's load):
   download, decode, resize   CPU of img2dataset's worker processes (the children's rusage); the pHash of each
                              image is computed there too (data_prep.downloader.PhashingWriter)
-  language id                data_prep.filters.detect_languages on the URL list
+  language id                py3langid on the URL list's captions (model load included): in processes of its own
+                             (data_prep.filters.LanguageJob, forked before img2dataset is imported), which report
+                             their CPU; it is taken out of the children's rusage above
   pHash                      data_prep.reshard.phash_bytes in the parent: only images without a hash from the
                              download (none in this benchmark, so the stage is absent from its table)
   dedup index                data_prep.dedup.HammingIndex (near-duplicate search and inserts) + the sha256 set
@@ -103,6 +105,8 @@ class StageClock:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.forked: dict[str, float] = {}
+        """CPU seconds of child processes a stage ran in (also in the children's rusage)."""
         self._depth = 0
 
     def wrap(self, owner, name: str, stage: str) -> None:
@@ -140,7 +144,16 @@ def clipline_prep(urls: Path, out: Path, a: dict, clock: StageClock) -> int:
     from data_prep.dedup import HammingIndex
     from data_prep.prep import run_prep
 
-    clock.wrap(data_prep.filters, "detect_languages", "language id")
+    clock.wrap(data_prep.filters, "detect_languages", "language id")  # where fork is unavailable
+    collect = data_prep.filters.LanguageJob.result
+
+    def result(job):
+        out = collect(job)
+        clock.forked["language id"] = clock.forked.get("language id", 0.0) + job.cpu_seconds
+        job.cpu_seconds = 0.0
+        return out
+
+    data_prep.filters.LanguageJob.result = result
     clock.wrap(data_prep.reshard, "phash_bytes", "pHash")
     clock.wrap(HammingIndex, "contains_near", "dedup index")
     clock.wrap(HammingIndex, "add", "dedup index")
@@ -165,7 +178,10 @@ def child(task: dict) -> None:
         written = clipline_prep(urls, out, task, clock)
     seconds, parent_cpu = time.perf_counter() - t0, time.process_time() - self0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    stages = {"download, decode, resize": kids.ru_utime + kids.ru_stime, **clock.seconds}
+    stages = {"download, decode, resize": kids.ru_utime + kids.ru_stime - sum(clock.forked.values()),
+              **clock.seconds}
+    for stage, cpu in clock.forked.items():
+        stages[stage] = stages.get(stage, 0.0) + cpu
     stages["the rest (parent)"] = max(0.0, parent_cpu - sum(clock.seconds.values()))
     print(json.dumps({"written": written, "seconds": seconds, "stages_cpu_s": stages}))
 

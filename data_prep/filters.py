@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -110,12 +111,106 @@ def detect_languages(captions: pd.Series) -> tuple[pd.Series, pd.Series]:
             pd.Series([float(r[1]) for r in results], index=captions.index))
 
 
+LANGUAGE_ROWS_PER_PROCESS = 20_000
+"""Captions per language-id process (~2 s of work, about as long as prep's imports): a list of n captions gets
+n / 20,000 processes, at least one, at most ``prep.processes``."""
+
+_FORKED_CAPTIONS: list[str] = []
+"""The captions a :class:`LanguageJob`'s processes read: set before they fork, so nothing is sent to them."""
+
+
+def _classify_forked(lo: int, hi: int, conn) -> None:
+    # Runs in a forked process: the model loads here, not in the parent.
+    try:
+        t0 = time.process_time()
+        identify = _language_identifier().classify
+        results = [identify(c) for c in _FORKED_CAPTIONS[lo:hi]]
+        conn.send(("ok", np.array([r[0] for r in results], dtype="U8"),
+                   np.array([r[1] for r in results], dtype=np.float64), time.process_time() - t0))
+    except BaseException as e:  # noqa: BLE001 - the parent raises it with its message
+        conn.send(("error", f"{type(e).__name__}: {e}", None, 0.0))
+    finally:
+        conn.close()
+
+
+class LanguageJob:
+    """Language identification of a list's captions, started before `clipline prep` imports img2dataset and torch
+    (seconds in one thread) and collected after: in forked processes (``LANGUAGE_ROWS_PER_PROCESS`` captions each,
+    up to ``processes``), so that on a machine with a second core it costs no wall time, and a long list is
+    classified in parallel. Where fork is unavailable, the model loads in a background thread (its LZMA
+    decompression releases the GIL) and the captions are classified in this process when asked for."""
+
+    def __init__(self, captions: pd.Series, processes: int):
+        import importlib.util
+        import multiprocessing
+
+        self.index = captions.index
+        self.cpu_seconds = 0.0
+        """CPU seconds the forked processes spent (model load and classification)."""
+        self._lang: pd.Series | None = None
+        self._score: pd.Series | None = None
+        self._pending: list = []
+        if importlib.util.find_spec("py3langid") is None:
+            _language_identifier()  # raises the UsageError that says how to install it
+        if "fork" not in multiprocessing.get_all_start_methods() or not len(captions):
+            self._captions = captions
+            preload_language_identifier()
+            return
+        ctx = multiprocessing.get_context("fork")
+        n = len(captions)
+        k = max(1, min(processes, n // LANGUAGE_ROWS_PER_PROCESS))
+        _FORKED_CAPTIONS[:] = captions.tolist()
+        bounds = np.linspace(0, n, k + 1).astype(int)
+        try:
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_classify_forked, args=(int(lo), int(hi), send), daemon=True,
+                                   name="prep-language-id")
+                proc.start()
+                send.close()
+                self._pending.append((proc, receive))
+        finally:
+            _FORKED_CAPTIONS.clear()  # the children have their copies
+
+    def result(self) -> tuple[pd.Series, pd.Series]:
+        """(language, probability) per caption, indexed as the captions given."""
+        if self._lang is None:
+            if not self._pending:
+                self._lang, self._score = detect_languages(self._captions)
+            else:
+                langs, scores = [], []
+                for proc, conn in self._pending:
+                    try:
+                        status, lang, score, cpu = conn.recv()
+                    except EOFError:  # the process died (killed, out of memory): say so rather than guess
+                        proc.join()
+                        raise RuntimeError(f"language identification process exited with code {proc.exitcode} "
+                                           f"before answering; re-run, or set prep.filters.languages=[]") from None
+                    proc.join()
+                    if status != "ok":
+                        raise RuntimeError(f"language identification failed: {lang}")
+                    langs.append(lang)
+                    scores.append(score)
+                    self.cpu_seconds += cpu
+                self._pending.clear()
+                self._lang = pd.Series(np.concatenate(langs), index=self.index, dtype=object)
+                self._score = pd.Series(np.concatenate(scores), index=self.index)
+        return self._lang, self._score
+
+    def lookup(self, captions: pd.Series) -> tuple[pd.Series, pd.Series]:
+        """The results for ``captions``, a subset (by index) of the captions the job was started with."""
+        lang, score = self.result()
+        return lang.loc[captions.index], score.loc[captions.index]
+
+
 def _words(text: pd.Series) -> pd.Series:
     return text.str.split().str.len()  # whitespace-separated, as DataComp counts them
 
 
-def caption_checks(f: PrepFilterConfig) -> list[tuple[str, Callable[[pd.Series], pd.Series]]]:
-    """(reason, captions -> flagged) per caption filter, cheapest first; the language detector runs last."""
+def caption_checks(f: PrepFilterConfig, languages: LanguageJob | None = None
+                   ) -> list[tuple[str, Callable[[pd.Series], pd.Series]]]:
+    """(reason, captions -> flagged) per caption filter, cheapest first; the language detector runs last (or
+    ``languages`` has classified the captions already)."""
     checks = [("caption_too_short", lambda t: t.str.len() < f.min_caption_chars)]
     if f.max_caption_chars:
         checks.append(("caption_too_long", lambda t: t.str.len() > f.max_caption_chars))
@@ -127,7 +222,7 @@ def caption_checks(f: PrepFilterConfig) -> list[tuple[str, Callable[[pd.Series],
         checks.append(("boilerplate_caption", lambda t: t.map(lambda c: pattern.fullmatch(c) is not None)))
     if f.languages:
         def wrong_language(t: pd.Series) -> pd.Series:
-            lang, score = detect_languages(t)
+            lang, score = languages.lookup(t) if languages is not None else detect_languages(t)
             return ~lang.isin(set(f.languages)) | (score < f.min_language_score)
         checks.append(("wrong_language", wrong_language))
     return checks
@@ -148,14 +243,21 @@ def top_removed(removed_captions: dict[str, Counter]) -> dict[str, list[list]]:
             for reason, counts in removed_captions.items() if counts}
 
 
+def caption_text(captions: pd.Series) -> pd.Series:
+    """The captions as the caption filters read them."""
+    return captions.astype(str).str.strip()
+
+
 def caption_keep_mask(captions: pd.Series, f: PrepFilterConfig, funnel: Funnel, name: str = "caption filters",
-                      removed_captions: dict[str, Counter] | None = None) -> pd.Series:
+                      removed_captions: dict[str, Counter] | None = None,
+                      languages: LanguageJob | None = None) -> pd.Series:
     """Which captions pass every caption filter; each check sees only the captions still kept. The removed
-    captions are counted per reason into ``removed_captions``."""
-    text = captions.astype(str).str.strip()
+    captions are counted per reason into ``removed_captions``. ``languages``: a job started on
+    ``caption_text(captions)`` (same index)."""
+    text = caption_text(captions)
     keep = pd.Series(True, index=captions.index)
     removed = {}
-    for reason, check in caption_checks(f):
+    for reason, check in caption_checks(f, languages):
         rows = keep.index[keep.values]
         flagged = check(text.loc[rows]).to_numpy(dtype=bool) if len(rows) else np.zeros(0, bool)
         removed[reason] = int(flagged.sum())

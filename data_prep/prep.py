@@ -43,7 +43,7 @@ from clipline.shards import MANIFEST_FILE, SIZES_FILE, ShardManifest, list_shard
 from data_prep import curate as curation
 from data_prep import remote
 from data_prep.address_guard import parse_networks, refusal_reason
-from data_prep.filters import Funnel, SampleFilters, caption_keep_mask, preload_language_identifier, top_removed
+from data_prep.filters import Funnel, LanguageJob, SampleFilters, caption_keep_mask, caption_text, top_removed
 from data_prep.report import render_report, write_plots
 from data_prep.url_list import CAPTIONLESS, ListReport, read_url_list, validate_rows
 
@@ -122,13 +122,18 @@ def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None,
     df, report = validate_rows(df, cfg.url_col, cfg.caption_col)
     funnel.record("list validation", report.dropped)
     extra = _extra_columns(cfg, df)
+    df = df[[cfg.url_col, cfg.caption_col, *extra]].rename(columns={cfg.url_col: "url", cfg.caption_col: "caption"})
+    # Language identification (the one slow caption filter) starts now, in other processes, and is collected
+    # after before_filters() (prep's imports of img2dataset and torch, seconds).
+    languages = (LanguageJob(caption_text(df["caption"]), cfg.processes)
+                 if cfg.filters.languages and not captionless else None)
     if before_filters is not None:
         before_filters()
-    df = df[[cfg.url_col, cfg.caption_col, *extra]].rename(columns={cfg.url_col: "url", cfg.caption_col: "caption"})
     if captionless:
         funnel.record("caption filters (none: the list has no captions)", {})
     else:
-        keep = caption_keep_mask(df["caption"], cfg.filters, funnel, removed_captions=removed_captions)
+        keep = caption_keep_mask(df["caption"], cfg.filters, funnel, removed_captions=removed_captions,
+                                 languages=languages)
         df = df[keep.to_numpy()].reset_index(drop=True)
     if not cfg.allow_private_networks and len(df):
         reasons = _guard_addresses(df, cfg)
@@ -447,10 +452,8 @@ def run_prep(cfg: PrepConfig) -> ShardManifest:
     bucket = cfg.output_dir if remote.is_remote(cfg.output_dir) else ""
     if bucket:
         remote.check_writable(bucket)
-    if cfg.filters.languages:
-        preload_language_identifier()  # its decompression overlaps the list's reading and the imports below
     # img2dataset and torch (seconds) are imported once the list is valid (a bad list is refused first) and while
-    # the language model loads, before the caption filters need it.
+    # the language identification runs, before the caption filters need it.
     df, report = prepare_input(cfg, funnel, removed_captions,
                                before_filters=lambda: importlib.import_module("data_prep.downloader"))
     log(f"URL list {redact(cfg.url_list)}: {report.rows_in} rows, {len(df)} to download"

@@ -170,6 +170,54 @@ def test_language_filter_uses_a_model_shipped_in_the_package(monkeypatch):
     assert keep == [True, False, True] and removed == {"wrong_language": 1}
 
 
+_MIXED = ["a photo of a black cat sleeping on the sofa", "une photo d'un chat noir qui dort sur le canapé",
+          "ein Foto einer schwarzen Katze, die auf dem Sofa schläft", "una foto de un gato negro en el sofá",
+          "the view from the top of the mountain at sunrise", "una foto di un gatto nero sul divano"] * 5
+
+
+def test_language_job_in_forked_processes_gives_the_in_process_answer(monkeypatch):
+    import data_prep.filters as filters
+
+    captions = pd.Series(_MIXED, index=range(100, 100 + len(_MIXED)))  # an index that is not 0..n-1
+    expected_lang, expected_score = detect_languages(captions)
+    monkeypatch.setattr(filters, "LANGUAGE_ROWS_PER_PROCESS", 7)  # 30 captions -> 4 processes (processes=4)
+    job = filters.LanguageJob(captions, processes=4)
+    assert len(job._pending) == 4
+    lang, score = job.result()
+    assert lang.tolist() == expected_lang.tolist() and lang.index.equals(captions.index)
+    assert score.to_numpy() == pytest.approx(expected_score.to_numpy())
+    assert job.cpu_seconds > 0  # the work was done in the children, which said how much
+    subset = captions.iloc[[3, 0, 17]]
+    assert job.lookup(subset)[0].tolist() == expected_lang.loc[subset.index].tolist()
+    # Through the caption filters: the same verdicts as the in-process detector.
+    keep = caption_keep_mask(captions, PrepFilterConfig(languages=["en"]), Funnel(),
+                             languages=filters.LanguageJob(captions, processes=2))
+    assert keep.tolist() == caption_keep_mask(captions, PrepFilterConfig(languages=["en"]), Funnel()).tolist()
+
+
+def test_language_job_without_fork_classifies_in_process(monkeypatch):
+    import multiprocessing
+
+    import data_prep.filters as filters
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # as on Windows
+    captions = pd.Series(_MIXED[:6])
+    job = filters.LanguageJob(captions, processes=2)
+    assert not job._pending
+    assert job.result()[0].tolist() == ["en", "fr", "de", "es", "en", "it"]
+
+
+def test_a_language_process_that_dies_is_an_error_that_says_so(monkeypatch):
+    import os
+
+    import data_prep.filters as filters
+
+    monkeypatch.setattr(filters, "_classify_forked", lambda lo, hi, conn: os._exit(9))  # as if killed
+    job = filters.LanguageJob(pd.Series(_MIXED[:6]), processes=1)
+    with pytest.raises(RuntimeError, match="exited with code 9 before answering.*prep.filters.languages=\\[\\]"):
+        job.result()
+
+
 def test_language_filter_config_is_checked():
     with pytest.raises(ConfigError, match="ISO 639-1"):
         load_config([], ["prep.filters.languages=[english]"])
