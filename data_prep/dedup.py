@@ -79,24 +79,35 @@ def phash_image(img: Image.Image) -> int:
 # 1/8, 1/4 or 1/2 scale, the coarsest that still leaves at least 32 pixels a side (libjpeg's scaled decode gives
 # each output pixel the mean of its block, which is what the area average needs).
 _FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
+_JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_SCALES = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
                 (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
 
 
-def phash_bytes(data: bytes) -> int | None:
-    """pHash of encoded image bytes, or None if they do not decode."""
+def _hash_encoded(data: bytes, width: int, height: int, jpeg: bool, img: Image.Image | None = None) -> int | None:
+    scale, flag = 1, cv2.IMREAD_GRAYSCALE
+    if jpeg:
+        scale, flag = next(((s, f) for s, f in _JPEG_SCALES if min(width, height) >= HASH_SIDE * s), (scale, flag))
+    # Other formats decode at full size: OpenCV's reduced modes would subsample them, not average.
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag | _FLAGS)
+    if grey is None or grey.ndim != 2 or not grey.size:  # a format or variant OpenCV does not read
+        if img is None:
+            return None
+        grey, scale = np.asarray(img.convert("L"), dtype=np.uint8), 1
+    return _bits(grey, height, width, scale)
+
+
+def phash_bytes(data: bytes, size: tuple[int, int] | None = None) -> int | None:
+    """pHash of encoded image bytes, or None if they do not decode. ``size``: (width, height) of a JPEG whose size
+    the caller knows (the download's own output), so its header is not parsed a second time."""
     try:
+        if size is not None and data[:3] == _JPEG_MAGIC:
+            value = _hash_encoded(data, int(size[0]), int(size[1]), jpeg=True)
+            if value is not None:
+                return value
         with Image.open(io.BytesIO(data)) as img:  # the header only; refuses decompression bombs
             width, height = img.size
-            scale, flag = 1, cv2.IMREAD_GRAYSCALE
-            if img.format == "JPEG":
-                scale, flag = next(((s, f) for s, f in _JPEG_SCALES if min(width, height) >= HASH_SIDE * s),
-                                   (scale, flag))
-            # Other formats decode at full size: OpenCV's reduced modes would subsample them, not average.
-            grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag | _FLAGS)
-            if grey is None or grey.ndim != 2 or not grey.size:  # a format or variant OpenCV does not read
-                grey, scale = np.asarray(img.convert("L"), dtype=np.uint8), 1
-            return _bits(grey, height, width, scale)
+            return _hash_encoded(data, width, height, img.format == "JPEG", img)
     except Exception:  # noqa: BLE001 - a sample that does not decode has no hash; it is counted, not fatal
         return None
 

@@ -140,7 +140,8 @@ class PhashingWriter:
 
     def write(self, img_str, key, caption, meta):
         if img_str is not None:
-            value = phash_bytes(img_str)
+            size = (meta.get("width"), meta.get("height"))  # of the image img2dataset encoded
+            value = phash_bytes(img_str, size if all(isinstance(v, int) and v > 0 for v in size) else None)
             if value is not None:
                 self._hashes[key] = f"{value:016x}"
         self._inner.write(img_str, key, caption, meta)

@@ -236,6 +236,10 @@ def test_phash_decodes_a_jpeg_at_the_smallest_scale_that_keeps_32_pixels(monkeyp
         calls.clear()
         assert phash_bytes(_encoded(_photo(side, side, seed=side), "JPEG", quality=90)) is not None
         assert calls == [scale_flag | cv2.IMREAD_IGNORE_ORIENTATION], side  # one decode, at that scale
+    # The download's writer gives the size it knows (no header parse): the same hash.
+    data = _encoded(_photo(300, 256, seed=1), "JPEG", quality=90)
+    assert phash_bytes(data, (300, 256)) == phash_bytes(data) is not None
+    assert phash_bytes(b"not an image", (300, 256)) is None
 
 
 def test_phash_of_a_gif_and_of_a_colour_image_agree_with_their_greyscale_png():
