@@ -15,7 +15,9 @@ within Hamming distance 4 of the 64-bit pHash (--near-dedup-distance), plus its 
 
 Timing: each run is a fresh process; within a round the tools alternate which runs first (A B, B A, ...).
 images/s = images of the list / seconds of the tool's call inside that process (the figure compared: clipline
-drops some rows before downloading and some images after, so it writes fewer); images written per second beside it. Beside each run the JSON has the load
+drops some rows before downloading and some images after, so it writes fewer); images written per second beside it.
+Two ratios: of the two tools' median rates, and the median of the per-round ratios (each round's runs are back to
+back, so their ratio cancels the drift of a shared machine's speed between rounds). Beside each run the JSON has the load
 around it (benchmarks/_bench.py; rounds where other processes kept more than a quarter of a core busy are flagged
 `loaded` and left out of the medians).
 
@@ -240,12 +242,20 @@ def main() -> int:
             stages.setdefault(stage, []).append(cpu * 1e3 / max(1, x["images"]))
     import statistics
 
+    # Each round's two runs are back to back: their ratio cancels the machine's drift between rounds (on a shared
+    # VM a tool's own rate can move 20% from one round to the next with no other process busy).
+    paired = []
+    for r in range(1, a.rounds + 1):
+        pair = {x["tool"]: x for x in rows if x["round"] == r and not x["loaded"]}
+        if len(pair) == 2:
+            paired.append(round(pair["clipline prep"]["images_per_s"] / pair["img2dataset"]["images_per_s"], 3))
     per_image = {stage: round(statistics.median(v), 3) for stage, v in stages.items()}
     result = {"benchmark": "prep_throughput", "machine": machine(), "images": a.images, "settings": settings,
               "filters": {"caption filters": "defaults", "languages": ["en"], "exact_dedup": True,
                           "near_dedup_distance": a.near_dedup_distance},
               "rounds": rows, "summary": summary,
               "ratio": summary["clipline prep"]["images_per_s"] / summary["img2dataset"]["images_per_s"],
+              "paired_ratios": paired, "median_paired_ratio": statistics.median(paired) if paired else None,
               "clipline_cpu_ms_per_written_image_by_stage": per_image}
     write_result(a.out, result)
     print("\n| tool | listed images/s, median | rounds |\n|---|---:|---|")
@@ -253,6 +263,9 @@ def main() -> int:
         per = ", ".join(f"{x['images_per_s']}{'*' if x['loaded'] else ''}" for x in rows if x["tool"] == tool)
         print(f"| {tool} | {summary[tool]['images_per_s']:.1f} | {per} |")
     print(f"\nratio clipline prep / img2dataset = {result['ratio']:.3f}{loaded_note(rows)} (* = loaded round)")
+    if paired:
+        print(f"per round (the two runs back to back): {', '.join(f'{x:.3f}' for x in paired)}; "
+              f"median {result['median_paired_ratio']:.3f}")
     print("\nclipline prep, CPU ms per written image, by stage (median over rounds):")
     for stage, ms in per_image.items():
         print(f"  {stage:28s} {ms:8.3f}")
