@@ -144,8 +144,8 @@ def main() -> int:
     for k, v in agreement.items():
         print(f"  {k}: mean {v['mean']:.2f} bits, max {v['max']}")
     for k, v in robustness.items():
-        print(f"  {k:20s} variants: mean {v['variant_mean']:.2f}, max {v['variant_max_distance']}, within 4: {v['variants_within_4']:.3f}; "
-              f"distinct pairs within 4: {v['distinct_pairs_within_4']:.4f}, within 10: "
+        print(f"  {k:20s} variants: mean {v['variant_mean']:.2f}, max {v['variant_max_distance']}, "
+              f"within 4: {v['variants_within_4']:.3f}; distinct pairs within 4: {v['distinct_pairs_within_4']:.4f}, within 10: "
               f"{v['distinct_pairs_within_10']:.4f} (of {v['distinct_pairs']})")
     print(f"-> {a.out}")
     return 0

@@ -17,9 +17,9 @@ Timing: each run is a fresh process; within a round the tools alternate which ru
 images/s = images of the list / seconds of the tool's call inside that process (the figure compared: clipline
 drops some rows before downloading and some images after, so it writes fewer); images written per second beside it.
 Two ratios: of the two tools' median rates, and the median of the per-round ratios (each round's runs are back to
-back, so their ratio cancels the drift of a shared machine's speed between rounds). Beside each run the JSON has the load
-around it (benchmarks/_bench.py; rounds where other processes kept more than a quarter of a core busy are flagged
-`loaded` and left out of the medians).
+back, so their ratio cancels the drift of a shared machine's speed between rounds). Beside each run the JSON has the
+load around it (benchmarks/_bench.py; rounds where other processes kept more than a quarter of a core busy are
+flagged `loaded` and left out of the medians and the per-round ratios).
 
 Per-stage CPU time of clipline prep (thread CPU time, time.thread_time, summed around each stage's function in the
 measured process, so the figures are CPU seconds whatever the machine's load):
