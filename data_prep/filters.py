@@ -197,6 +197,16 @@ class LanguageJob:
                 self._score = pd.Series(np.concatenate(scores), index=self.index)
         return self._lang, self._score
 
+    def close(self) -> None:
+        """Stop the processes whose answer was not collected (the list failed a later check, or every caption
+        was removed before the language filter): they would otherwise wait to hand it over until this process
+        exits."""
+        for proc, conn in self._pending:
+            proc.terminate()
+            proc.join()
+            conn.close()
+        self._pending.clear()
+
     def lookup(self, captions: pd.Series) -> tuple[pd.Series, pd.Series]:
         """The results for ``captions``, a subset (by index) of the captions the job was started with."""
         lang, score = self.result()

@@ -127,14 +127,18 @@ def prepare_input(cfg: PrepConfig, funnel: Funnel | None = None,
     # after before_filters() (prep's imports of img2dataset and torch, seconds).
     languages = (LanguageJob(caption_text(df["caption"]), cfg.processes)
                  if cfg.filters.languages and not captionless else None)
-    if before_filters is not None:
-        before_filters()
-    if captionless:
-        funnel.record("caption filters (none: the list has no captions)", {})
-    else:
-        keep = caption_keep_mask(df["caption"], cfg.filters, funnel, removed_captions=removed_captions,
-                                 languages=languages)
-        df = df[keep.to_numpy()].reset_index(drop=True)
+    try:
+        if before_filters is not None:
+            before_filters()
+        if captionless:
+            funnel.record("caption filters (none: the list has no captions)", {})
+        else:
+            keep = caption_keep_mask(df["caption"], cfg.filters, funnel, removed_captions=removed_captions,
+                                     languages=languages)
+            df = df[keep.to_numpy()].reset_index(drop=True)
+    finally:
+        if languages is not None:
+            languages.close()
     if not cfg.allow_private_networks and len(df):
         reasons = _guard_addresses(df, cfg)
         funnel.record("address check", {f"refused_{k}": v for k, v in Counter(reasons.dropna()).items()})

@@ -207,6 +207,18 @@ def test_language_job_without_fork_classifies_in_process(monkeypatch):
     assert job.result()[0].tolist() == ["en", "fr", "de", "es", "en", "it"]
 
 
+def test_language_processes_are_stopped_when_every_caption_fell_to_an_earlier_filter(tmp_path):
+    import multiprocessing
+
+    # Every caption is too short, so the language filter never asks for the answer the processes hold.
+    path = tmp_path / "list.csv"
+    pd.DataFrame({"url": [f"http://a.example/{i}.jpg" for i in range(3000)], "caption": ["x"] * 3000}).to_csv(path)
+    cfg = PrepConfig(url_list=str(path), output_dir=str(tmp_path / "out"), filters=PrepFilterConfig(languages=["en"]))
+    with pytest.raises(UsageError, match="no usable rows"):
+        prepare_input(cfg)
+    assert not [p for p in multiprocessing.active_children() if p.name == "prep-language-id"]
+
+
 def test_a_language_process_that_dies_is_an_error_that_says_so(monkeypatch):
     import os
 
