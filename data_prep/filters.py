@@ -8,6 +8,7 @@ it, and every stage's count equals the previous count minus what it removed.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -120,7 +121,8 @@ _FORKED_CAPTIONS: list[str] = []
 
 
 def _classify_forked(lo: int, hi: int, conn) -> None:
-    # Runs in a forked process: the model loads here, not in the parent.
+    # Runs in a forked process: the model loads here, not in the parent, whose signal handlers it does not keep.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         t0 = time.process_time()
         identify = _language_identifier().classify
@@ -202,7 +204,7 @@ class LanguageJob:
         was removed before the language filter): they would otherwise wait to hand it over until this process
         exits."""
         for proc, conn in self._pending:
-            proc.terminate()
+            proc.kill()  # not terminate(): a SIGTERM handler the parent had (a trainer's, a test's) is inherited
             proc.join()
             conn.close()
         self._pending.clear()

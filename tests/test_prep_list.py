@@ -209,13 +209,20 @@ def test_language_job_without_fork_classifies_in_process(monkeypatch):
 
 def test_language_processes_are_stopped_when_every_caption_fell_to_an_earlier_filter(tmp_path):
     import multiprocessing
+    import signal
+
+    # A SIGTERM handler that does not exit (as a trainer's preemption handler), inherited by the forked processes.
+    previous = signal.signal(signal.SIGTERM, lambda *args: None)
 
     # Every caption is too short, so the language filter never asks for the answer the processes hold.
     path = tmp_path / "list.csv"
     pd.DataFrame({"url": [f"http://a.example/{i}.jpg" for i in range(3000)], "caption": ["x"] * 3000}).to_csv(path)
     cfg = PrepConfig(url_list=str(path), output_dir=str(tmp_path / "out"), filters=PrepFilterConfig(languages=["en"]))
-    with pytest.raises(UsageError, match="no usable rows"):
-        prepare_input(cfg)
+    try:
+        with pytest.raises(UsageError, match="no usable rows"):
+            prepare_input(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert not [p for p in multiprocessing.active_children() if p.name == "prep-language-id"]
 
 
