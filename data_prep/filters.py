@@ -152,10 +152,12 @@ class LanguageJob:
         self._lang: pd.Series | None = None
         self._score: pd.Series | None = None
         self._pending: list = []
+        self._in_process: pd.Series | None = None
+        """The captions, where they are classified in this process (no fork)."""
         if importlib.util.find_spec("py3langid") is None:
             _language_identifier()  # raises the UsageError that says how to install it
         if "fork" not in multiprocessing.get_all_start_methods() or not len(captions):
-            self._captions = captions
+            self._in_process = captions
             preload_language_identifier()
             return
         ctx = multiprocessing.get_context("fork")
@@ -177,8 +179,10 @@ class LanguageJob:
     def result(self) -> tuple[pd.Series, pd.Series]:
         """(language, probability) per caption, indexed as the captions given."""
         if self._lang is None:
-            if not self._pending:
-                self._lang, self._score = detect_languages(self._captions)
+            if self._in_process is not None:
+                self._lang, self._score = detect_languages(self._in_process)
+            elif not self._pending:
+                raise RuntimeError("language identification was stopped (close()) before its answer was collected")
             else:
                 langs, scores = [], []
                 for proc, conn in self._pending:
